@@ -1,0 +1,187 @@
+"""Entmax attention as a drop-in ``attention_fn`` for Flax's attention modules.
+
+    nnx.MultiHeadAttention(..., attention_fn=make_flax_attention_fn(alpha=1.5), decode=False)
+    linen.MultiHeadDotProductAttention(..., attention_fn=make_flax_attention_fn(alpha=1.5))
+
+Flax calls ``attention_fn(query, key, value, mask=..., dropout_rng=..., dropout_rate=...,
+broadcast_dropout=..., deterministic=..., dtype=..., precision=..., module=...,
+is_causal=...)`` with q/k/v as [..., length, heads, head_dim] and (float or bool) masks
+broadcastable to [..., heads, q_len, kv_len]. Linen filters the keywords by the
+function's signature, so every keyword is named explicitly below.
+
+Without dropout (and without ``module``, i.e. ``sow_weights=False``) the call goes straight
+to :func:`adasplash_jax.entmax_attention` (XLA or Pallas). Dropout on the attention
+probabilities, and sowing them, need the probabilities themselves: that is done with the
+dense path (probabilities materialised), and refused for the Pallas path, which never
+materialises them.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from adasplash_jax.attention import entmax_attention
+from adasplash_jax.entmax import entmax
+
+__all__ = ["flax_entmax_attention", "make_flax_attention_fn"]
+
+
+def _flatten_batch(x, batch_shape):
+    return x.reshape((-1,) + x.shape[len(batch_shape):])
+
+
+def _dense_probabilities(query, key, alpha, mask, is_causal):
+    """[B, T, N, H], [B, S, K, H] → entmax probabilities [B, N, T, S] (float32)."""
+    n, k = query.shape[2], key.shape[2]
+    if n != k:
+        key = jnp.repeat(key, n // k, axis=2)
+    scale = 1.0 / jnp.sqrt(jnp.float32(query.shape[-1]))
+    scores = jnp.einsum("btnh,bsnh->bnts", query, key, preferred_element_type=jnp.float32) * scale
+    keep = jnp.ones(scores.shape, jnp.bool_)
+    if mask is not None:
+        keep = keep & mask
+    if is_causal:
+        t, s = scores.shape[-2:]
+        keep = keep & (jnp.arange(s)[None, :] <= jnp.arange(t)[:, None])
+    scores = jnp.where(keep, scores, -jnp.inf)
+    a = alpha if isinstance(alpha, float) else jnp.asarray(alpha, jnp.float32).reshape(-1, 1)
+    return entmax(scores, a, axis=-1)
+
+
+def flax_entmax_attention(
+    query,
+    key,
+    value,
+    bias=None,
+    mask=None,
+    broadcast_dropout: bool = True,
+    dropout_rng=None,
+    dropout_rate: float = 0.0,
+    deterministic: bool = False,
+    dtype=None,
+    precision=None,
+    module=None,
+    is_causal: bool = False,
+    *,
+    alpha=1.5,
+    implementation: str | None = None,
+):
+    """α-entmax attention with the keyword contract of ``flax.nnx.dot_product_attention``.
+
+    Args:
+      query, key, value: [..., length, heads, head_dim] (any number of batch dims).
+      bias: not supported (entmax has no additive-bias path); must be None.
+      mask: bool or float, broadcastable to [..., heads, q_len, kv_len]; non-zero keeps.
+      dropout_rng, dropout_rate, broadcast_dropout, deterministic: dropout on the attention
+        probabilities, as in Flax (dense path only).
+      dtype: output dtype (default: the query dtype). ``precision`` is accepted and unused.
+      module: when given (``sow_weights=True``), the probabilities are sown into it as
+        ``attention_weights`` (dense path only).
+      is_causal: causal mask, top-left aligned.
+      alpha: float in (1, 2] or an array [heads].
+      implementation: "xla", "pallas" or None, as in :func:`entmax_attention`.
+    """
+    del precision
+    if bias is not None:
+        raise ValueError("flax_entmax_attention: an additive `bias` is not supported by entmax attention")
+    query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
+    if query.ndim < 4:
+        raise ValueError(
+            f"flax_entmax_attention: `query` must be [..., length, heads, head_dim] with a batch dim, got {query.shape}"
+        )
+    batch_shape = query.shape[:-3]
+    if key.shape[:-3] != batch_shape or value.shape[:-3] != batch_shape:
+        raise ValueError(
+            f"flax_entmax_attention: batch dims differ: query {query.shape}, key {key.shape}, value {value.shape}"
+        )
+    T, N = query.shape[-3], query.shape[-2]
+    S = key.shape[-3]
+    if mask is not None:
+        mask = jnp.asarray(mask)
+        if mask.dtype != jnp.bool_:
+            mask = mask != 0  # Flax builds float masks (1 keeps, 0 drops)
+        full = batch_shape + (N, T, S)
+        try:
+            mask = jnp.broadcast_to(mask, jnp.broadcast_shapes(mask.shape, full))
+        except ValueError:
+            raise ValueError(
+                f"flax_entmax_attention: `mask` {mask.shape} is not broadcastable to {full}"
+            ) from None
+        mask = mask.reshape((-1,) + mask.shape[-3:])
+    q, k, v = (_flatten_batch(t, batch_shape) for t in (query, key, value))
+    out_dtype = dtype or query.dtype
+
+    use_dropout = dropout_rate > 0.0 and not deterministic
+    if not use_dropout and module is None:
+        out = entmax_attention(
+            q, k, v, alpha=alpha, mask=mask, is_causal=is_causal, implementation=implementation
+        )
+        return out.reshape(query.shape[:-1] + (value.shape[-1],)).astype(out_dtype)
+
+    what = "dropout on the attention probabilities" if use_dropout else "sowing attention weights"
+    if implementation == "pallas":
+        raise ValueError(
+            f"flax_entmax_attention: {what} needs the probabilities, which the Pallas path never "
+            "materialises; use implementation='xla', or dropout_rate=0 / deterministic=True"
+        )
+    if use_dropout and dropout_rng is None:
+        raise ValueError("flax_entmax_attention: dropout_rate > 0 and deterministic=False need a `dropout_rng`")
+    probs = _dense_probabilities(q, k, alpha, mask, is_causal)  # [B, N, T, S]
+    if module is not None:
+        from flax import nnx
+
+        if isinstance(module, nnx.Module):
+            module.sow(nnx.Intermediate, "attention_weights", probs)
+        else:
+            module.sow("intermediates", "attention_weights", probs)
+    if use_dropout:
+        keep_prob = 1.0 - dropout_rate
+        shape = probs.shape
+        if broadcast_dropout:  # one dropout pattern shared across batch and heads, as Flax does
+            shape = (1, 1) + shape[2:]
+        keep = jax.random.bernoulli(dropout_rng, keep_prob, shape)
+        probs = jnp.where(keep, probs / keep_prob, 0.0)
+    n, kh = q.shape[2], k.shape[2]
+    vv = jnp.repeat(v, n // kh, axis=2) if n != kh else v
+    out = jnp.einsum("bnts,bsnh->btnh", probs, vv.astype(jnp.float32))
+    return out.reshape(query.shape[:-1] + (value.shape[-1],)).astype(out_dtype)
+
+
+def make_flax_attention_fn(alpha=1.5, implementation: str | None = None):
+    """An ``attention_fn`` for Flax attention modules with α and the implementation fixed."""
+
+    def attention_fn(
+        query,
+        key,
+        value,
+        bias=None,
+        mask=None,
+        broadcast_dropout: bool = True,
+        dropout_rng=None,
+        dropout_rate: float = 0.0,
+        deterministic: bool = False,
+        dtype=None,
+        precision=None,
+        module=None,
+        is_causal: bool = False,
+    ):
+        return flax_entmax_attention(
+            query,
+            key,
+            value,
+            bias=bias,
+            mask=mask,
+            broadcast_dropout=broadcast_dropout,
+            dropout_rng=dropout_rng,
+            dropout_rate=dropout_rate,
+            deterministic=deterministic,
+            dtype=dtype,
+            precision=precision,
+            module=module,
+            is_causal=is_causal,
+            alpha=alpha,
+            implementation=implementation,
+        )
+
+    return attention_fn
