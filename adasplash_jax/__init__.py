@@ -1,8 +1,9 @@
 """adasplash-jax: adaptive sparse (α-entmax) flash attention for JAX."""
 
-from adasplash_jax.attention import entmax_attention
+from adasplash_jax.attention import SparsityStats, entmax_attention, entmax_attention_with_stats
 from adasplash_jax.entmax import entmax, entmax15, entmax_threshold, sparsemax
 from adasplash_jax.losses import entmax_loss, sparsemax_loss
+from adasplash_jax.pallas_attention import BlockSizes
 
 __all__ = [
     "entmax",
@@ -10,6 +11,9 @@ __all__ = [
     "sparsemax",
     "entmax_threshold",
     "entmax_attention",
+    "entmax_attention_with_stats",
+    "SparsityStats",
+    "BlockSizes",
     "entmax_loss",
     "sparsemax_loss",
 ]

@@ -235,6 +235,8 @@ def entmax_attention(
     key_value_seq_lengths=None,
     segment_ids=None,
     implementation: str | None = None,
+    interpret: bool | None = None,
+    block_sizes=None,
 ):
     """α-entmax attention, a drop-in for ``jax.nn.dot_product_attention``.
 
@@ -252,13 +254,15 @@ def entmax_attention(
         (query ids [batch, q_len], kv ids [batch, kv_len]); only equal ids attend.
       implementation: "xla" (dense), "pallas" (the AdaSplash kernels; interpret mode on
         CPU), or None for the best available ("pallas" on GPU, else "xla").
+      interpret: Pallas only: None runs the kernels in interpret mode on non-GPU backends;
+        False forces real (Triton) lowering, True forces interpret mode.
+      block_sizes: Pallas only: an ``adasplash_jax.BlockSizes`` (tiles, warps, stages, τ
+        passes); None picks defaults for the head dim.
 
     Returns:
       [batch, q_len, heads, head_dim] in the query dtype. Queries with nothing to attend
       to get zero rows.
     """
-    if implementation not in _IMPLEMENTATIONS:
-        raise ValueError(f"`implementation` must be one of {_IMPLEMENTATIONS}, got {implementation!r}")
     inp = check_attention_inputs(
         query,
         key,
@@ -271,9 +275,87 @@ def entmax_attention(
         key_value_seq_lengths=key_value_seq_lengths,
         segment_ids=segment_ids,
     )
+    return _dispatch(inp, implementation, interpret, block_sizes, return_stats=False)
+
+
+def _dispatch(inp: AttentionInputs, implementation, interpret, block_sizes, *, return_stats: bool):
+    if implementation not in _IMPLEMENTATIONS:
+        raise ValueError(f"`implementation` must be one of {_IMPLEMENTATIONS}, got {implementation!r}")
     implementation = implementation or default_implementation()
     if implementation == "xla":
-        return dense_attention(inp)
+        if block_sizes is not None or interpret is not None:
+            raise ValueError("`block_sizes` and `interpret` apply to implementation='pallas' only")
+        if not return_stats:
+            return dense_attention(inp)
+        out, probs = dense_attention(inp, return_probabilities=True)
+        return out, dense_sparsity_stats(inp, probs)
     from adasplash_jax.pallas_attention import pallas_attention
 
-    return pallas_attention(inp)
+    return pallas_attention(inp, block_sizes=block_sizes, interpret=interpret, return_stats=return_stats)
+
+
+@dataclasses.dataclass(frozen=True)
+class SparsityStats:
+    """Per-head sparsity of one attention call.
+
+    active_tile_fraction: fraction of (query block, key block) tiles holding any non-zero
+      probability, among the tiles a dense kernel would compute (the causal triangle when
+      causal); the work the Pallas kernels actually do.
+    nonzero_fraction: fraction of non-zero probabilities among the allowed (unmasked) pairs.
+    """
+
+    active_tile_fraction: jax.Array  # [heads]
+    nonzero_fraction: jax.Array  # [heads]
+
+
+jax.tree_util.register_dataclass(
+    SparsityStats, data_fields=["active_tile_fraction", "nonzero_fraction"], meta_fields=[]
+)
+
+
+def tile_fractions(block_mask, *, block_q: int, block_k: int, is_causal: bool):
+    """Per-head active-tile fraction of a [B, N, nq, nk] 0/1 block mask."""
+    nq, nk = block_mask.shape[-2:]
+    if is_causal:
+        reachable = jnp.arange(nk)[None, :] * block_k <= jnp.arange(nq)[:, None] * block_q + block_q - 1
+    else:
+        reachable = jnp.ones((nq, nk), bool)
+    active = jnp.where(reachable, block_mask > 0, False).astype(jnp.float32)
+    return active.sum((0, 2, 3)) / (block_mask.shape[0] * jnp.sum(reachable))
+
+
+def dense_sparsity_stats(inp: AttentionInputs, probs, block_q: int = 64, block_k: int = 64) -> SparsityStats:
+    """Sparsity of dense probabilities [B, N, T, S], tiled like the Pallas kernels' defaults."""
+    B, N, T, S = probs.shape
+    keep = jnp.broadcast_to(dense_keep_mask(inp), probs.shape)
+    nonzero = (probs > 0).astype(jnp.float32)
+    nonzero_fraction = nonzero.sum((0, 2, 3)) / jnp.maximum(keep.astype(jnp.float32).sum((0, 2, 3)), 1.0)
+    nq, nk = -(-T // block_q), -(-S // block_k)
+    padded = jnp.pad(nonzero, ((0, 0), (0, 0), (0, nq * block_q - T), (0, nk * block_k - S)))
+    block_mask = padded.reshape(B, N, nq, block_q, nk, block_k).max((3, 5))
+    return SparsityStats(tile_fractions(block_mask, block_q=block_q, block_k=block_k, is_causal=inp.is_causal),
+                         nonzero_fraction)
+
+
+def entmax_attention_with_stats(query, key, value, **kwargs):
+    """``entmax_attention`` that also returns per-head ``SparsityStats`` (for monitoring).
+
+    The Pallas path gets them from its τ pass at no extra pass; the dense path from its
+    probabilities. Same keyword arguments as ``entmax_attention``.
+    """
+    implementation = kwargs.pop("implementation", None)
+    interpret = kwargs.pop("interpret", None)
+    block_sizes = kwargs.pop("block_sizes", None)
+    inp = check_attention_inputs(query, key, value, **_with_defaults(kwargs))
+    return _dispatch(inp, implementation, interpret, block_sizes, return_stats=True)
+
+
+def _with_defaults(kwargs):
+    allowed = ("alpha", "mask", "is_causal", "scale", "query_seq_lengths", "key_value_seq_lengths", "segment_ids")
+    unknown = set(kwargs) - set(allowed)
+    if unknown:
+        raise TypeError(f"unexpected keyword arguments {sorted(unknown)}")
+    defaults = dict(alpha=1.5, mask=None, is_causal=False, scale=None, query_seq_lengths=None,
+                    key_value_seq_lengths=None, segment_ids=None)
+    defaults.update(kwargs)
+    return defaults

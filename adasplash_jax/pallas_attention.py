@@ -33,7 +33,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from adasplash_jax.attention import AttentionInputs
+from adasplash_jax.attention import AttentionInputs, SparsityStats, tile_fractions
 from adasplash_jax.entmax import _powers as entmax_powers
 from adasplash_jax.masking import keep_mask
 
@@ -51,7 +51,7 @@ class BlockSizes:
     block_k: int = 64
     num_warps: int = 4
     num_stages: int = 2
-    n_iter: int = 10
+    n_iter: int = 6
 
     @classmethod
     def for_head_dim(cls, head_dim: int) -> "BlockSizes":
@@ -214,20 +214,20 @@ def _threshold_kernel(
     x_scale = alpha - 1.0
 
     def max_pass(j, carry):
-        row_max, allowed = carry
+        row_max, row_sum, allowed = carry
         s, keep, _ = row.scores(q, k_ref, j, kv_segment_ref)
         row_max = jnp.maximum(row_max, jnp.max(s, axis=1) * x_scale)
+        row_sum = row_sum + jnp.sum(jnp.where(keep, s, 0.0), axis=1) * x_scale
         allowed = allowed + jnp.sum(keep.astype(jnp.float32), axis=1)
-        return row_max, allowed
+        return row_max, row_sum, allowed
 
-    init = (jnp.full((cfg.block_q,), MASKED, jnp.float32), jnp.zeros((cfg.block_q,), jnp.float32))
-    row_max, allowed = lax.fori_loop(0, num_blocks, max_pass, init)
-
-    # Bracket of τ in (α−1)-scaled units: [max − 1, max − n^(1−α)].
+    zero = jnp.zeros((cfg.block_q,), jnp.float32)
+    init = (jnp.full((cfg.block_q,), MASKED, jnp.float32), zero, zero)
+    row_max, row_sum, allowed = lax.fori_loop(0, num_blocks, max_pass, init)
     # Rows with nothing to attend to keep τ = 0, far above their MASKED scores.
     has_any = allowed > 0
-    lo = jnp.where(has_any, row_max - 1.0, 0.0)
-    hi = jnp.where(has_any, row_max - jnp.exp((1.0 - alpha) * jnp.log(jnp.maximum(allowed, 1.0))), 0.0)
+    lo, hi = threshold_bracket(row_max, row_sum, allowed, alpha)
+    lo, hi = jnp.where(has_any, lo, 0.0), jnp.where(has_any, hi, 0.0)
     tau = 0.5 * (lo + hi)
     c0 = 1.0 / (alpha - 1.0)
     c1 = c0 - 1.0
@@ -265,6 +265,21 @@ def _threshold_kernel(
     nonzero_ref[...] = nonzero
     allowed_ref[...] = allowed
     block_mask_ref[...] = bits
+
+
+def threshold_bracket(row_max, row_sum, count, alpha):
+    """Bracket [lo, hi] of τ for (α−1)-scaled rows with this max, sum and entry count.
+
+    hi = max − n^(1−α) (all entries equal). lo is the larger of max − 1 (the max alone
+    reaches 1) and mean − n^(1−α): t ↦ [t]_+^(1/(α−1)) is convex and increasing, so by
+    Jensen Σ[x − τ]_+^c0 ≥ n·[mean − τ]_+^c0, which is ≥ 1 at τ = mean − n^(1−α).
+    The second bound is tight for near-uniform rows, where max − 1 is far off.
+    """
+    n = jnp.maximum(count, 1.0)
+    spread = jnp.exp((1.0 - alpha) * jnp.log(n))
+    hi = row_max - spread
+    lo = jnp.minimum(jnp.maximum(row_max - 1.0, row_sum / n - spread), hi)
+    return lo, hi
 
 
 def halley_bisection_update(tau, lo, hi, s0, s1, s2, c0, c1):
@@ -715,21 +730,8 @@ def _kernel_inputs(cfg: _Config, inp: AttentionInputs):
     return q, k, v, alpha, q_len, kv_len, q_seg, kv_seg
 
 
-@dataclasses.dataclass(frozen=True)
-class SparsityStats:
-    """Per-head sparsity of one call: fraction of active (computed) tiles and of non-zero probabilities."""
-
-    active_tile_fraction: jax.Array  # [heads]
-    nonzero_fraction: jax.Array  # [heads]
-
-
 def _sparsity_stats(cfg: _Config, stats) -> SparsityStats:
-    tiles = stats["block_mask"].astype(jnp.float32)  # [B, N, nq, nk]
-    q_pos = jnp.arange(cfg.num_q_blocks)[:, None] * cfg.block_q
-    kv_pos = jnp.arange(cfg.num_kv_blocks)[None, :] * cfg.block_k
-    # Tiles a dense causal kernel would compute at all: those not entirely above the diagonal.
-    reachable = (kv_pos <= q_pos + cfg.block_q - 1) if cfg.causal else jnp.ones_like(kv_pos + q_pos, bool)
-    tile_fraction = tiles.sum((0, 2, 3)) / (tiles.shape[0] * jnp.sum(reachable))
+    tile_fraction = tile_fractions(stats["block_mask"], block_q=cfg.block_q, block_k=cfg.block_k, is_causal=cfg.causal)
     nonzero_fraction = stats["nonzero"].sum((0, 2)) / jnp.maximum(stats["allowed"].sum((0, 2)), 1.0)
     return SparsityStats(tile_fraction, nonzero_fraction)
 
