@@ -37,6 +37,8 @@ _FLOOR = -2.0
 _MAX_ITER = {"halley": 30, "bisect": 60}
 # Stop once |Σ p − 1| is below this (fp32 sums of long rows cannot do much better).
 _TOL = 1e-6
+# Smallest z whose powers are taken (z = 0 is masked out by sign(z) instead).
+_TINY = 1e-30
 
 
 # --------------------------------------------------------------------------- checks
@@ -86,69 +88,118 @@ def _powers(alpha_static: float | None, alpha, z):
     return p0, p1, p2
 
 
-def _bracket(x, alpha):
-    """Initial bracket of τ for shifted rows (row max = 0): [−1, −n^(1−α)]."""
-    n = jnp.sum(x > _FLOOR, axis=-1, keepdims=True).astype(jnp.float32)
-    n = jnp.maximum(n, 1.0)
-    lo = jnp.full_like(n, -1.0)
-    hi = -jnp.exp((1.0 - alpha) * jnp.log(n))
+def _bracket(n: int, alpha):
+    """Initial bracket of τ for shifted rows (row max = 0): [−1, −n^(1−α)].
+
+    ``n`` is the static row length; it bounds the number of unmasked entries, so the
+    upper end stays valid (f(hi) ≤ 0) for masked rows too, only a little looser.
+    """
+    lo = jnp.full_like(alpha, -1.0)
+    hi = -jnp.exp((1.0 - alpha) * np.log(float(max(n, 1))))
     return lo, hi
 
 
-def _threshold_iterative(x, alpha, alpha_static, n_iter, use_halley):
-    """τ by hybrid Halley–bisection (or plain bisection) on shifted, scaled rows.
+def _power_sums(alpha_static: float | None, alpha, x, tau):
+    """(Σ z^c0, Σ z^c1, Σ z^c2) with z = [x − τ]_+ over the last axis, one pass each.
 
-    x: [..., n] float32 with row max 0 and entries ≥ _FLOOR. alpha: [..., 1].
-    If n_iter is None, iterate until |Σp − 1| < _TOL (capped), else exactly n_iter times.
+    Every sum is its own reduction of an elementwise expression of ``x``: XLA fuses each
+    into a single read of ``x`` and never materialises ``z``.
     """
-    c0 = 1.0 / (alpha - 1.0)
-    c1 = c0 - 1.0
-    lo, hi = _bracket(x, alpha)
-    tau = 0.5 * (lo + hi)
+    z = jnp.maximum(x - tau, 0.0)
+    # sign(z) ∈ {0, 1} counts the support; (a select on a comparison here makes XLA:CPU's
+    # fused multi-output reduction an order of magnitude slower).
+    on = jnp.sign(z)
+    count = jnp.sum(on, axis=-1, keepdims=True)
+    if alpha_static == 2.0:
+        return jnp.sum(z, axis=-1, keepdims=True), count, None
+    if alpha_static == 1.5:
+        return jnp.sum(z * z, axis=-1, keepdims=True), jnp.sum(z, axis=-1, keepdims=True), count
+    # z^c1 with c1 = c0 − 1 ≥ 0; the log is of a positive number, and `on` zeroes z = 0.
+    zc = jnp.maximum(z, _TINY)
+    c1 = 1.0 / (alpha - 1.0) - 1.0
+    p1 = on * jnp.exp(c1 * jnp.log(zc))
+    return (jnp.sum(p1 * z, axis=-1, keepdims=True), jnp.sum(p1, axis=-1, keepdims=True),
+            jnp.sum(p1 / zc, axis=-1, keepdims=True))
 
-    def step(state):
-        tau, lo, hi, _ = state
-        z = jnp.maximum(x - tau, 0.0)
-        s0, s1, s2 = (jnp.sum(t, axis=-1, keepdims=True) for t in _powers(alpha_static, alpha, z))
+
+def _threshold_iterative(x, alpha, alpha_static, n_iter, use_halley):
+    """τ by a safeguarded root finder on shifted, scaled rows.
+
+    x: [..., n] float32 with row max 0 (entries may be −inf). alpha: [..., 1].
+
+    ``use_halley=False`` is plain bisection. Otherwise each iteration evaluates the power
+    sums at τ once, shrinks the bracket, and proposes the step that is exact on the
+    current piece of f when one exists: for α = 2 the Newton step (f is piecewise
+    linear), for α = 1.5 the root of the piecewise quadratic Σ_S (z − δ)² = 1 over the
+    current support S, and for other α Halley's step. A proposal outside the bracket is
+    replaced by the midpoint, so the iteration never leaves the bracket.
+
+    If n_iter is None, a row stops once |Σp − 1| < _TOL or the step is below float32
+    resolution of τ; the loop ends when every row has stopped (or at the cap).
+    Otherwise exactly n_iter steps are taken.
+    """
+    lo, hi = _bracket(x.shape[-1], alpha)
+    tau = 0.5 * (lo + hi)
+    c0 = 1.0 / (alpha - 1.0)
+
+    def propose(tau, lo, hi):
+        s0, s1, s2 = _power_sums(alpha_static, alpha, x, tau)
         f = s0 - 1.0
         lo = jnp.where(f > 0, tau, lo)
         hi = jnp.where(f < 0, tau, hi)
         mid = 0.5 * (lo + hi)
-        if use_halley:
+        if not use_halley:
+            return mid, lo, hi, f
+        if alpha_static == 2.0:
+            # f = Σz − 1, f' = −count: the Newton step is exact on the current piece.
+            cand = tau + f / jnp.maximum(s1, 1.0)
+        elif alpha_static == 1.5:
+            # Root δ of Σ_S (z − δ)² − 1 = s0 − 2δ·s1 + δ²·k − 1 nearest 0, in the
+            # cancellation-free form δ = (s0 − 1) / (s1 + √(s1² − k(s0 − 1))).
+            disc = s1 * s1 - s2 * f
+            den = s1 + jnp.sqrt(jnp.maximum(disc, 0.0))
+            ok = (disc >= 0) & (den > 0)
+            cand = tau + jnp.where(ok, f / jnp.where(ok, den, 1.0), jnp.inf)
+        else:
+            c1 = c0 - 1.0
             df = -c0 * s1
             d2f = c0 * c1 * s2
             denom = 2.0 * df * df - f * d2f
-            ok = jnp.isfinite(denom) & (denom > 0)
-            halley = tau - 2.0 * f * df / jnp.where(ok, denom, 1.0)
-            newton = tau - f / jnp.where(df < 0, df, -1.0)
-            cand = jnp.where(ok, halley, newton)
-            slack = 1e-7 * (hi - lo)
-            inside = (cand >= lo - slack) & (cand <= hi + slack) & jnp.isfinite(cand)
-            new_tau = jnp.where(inside, cand, mid)
-        else:
-            new_tau = mid
-        new_tau = jnp.where(f == 0, tau, new_tau)
-        return new_tau, lo, hi, jnp.max(jnp.abs(f))
+            ok = denom > 0
+            cand = tau - 2.0 * f * df / jnp.where(ok, denom, 1.0)
+            cand = jnp.where(ok, cand, jnp.inf)
+        slack = 1e-6 * (hi - lo)
+        inside = (cand >= lo - slack) & (cand <= hi + slack)
+        new_tau = jnp.where(inside, jnp.clip(cand, lo, hi), mid)
+        return new_tau, lo, hi, f
 
     if n_iter is not None:
-        tau, lo, hi, _ = jax.lax.fori_loop(
-            0, int(n_iter), lambda _, s: step(s), (tau, lo, hi, jnp.float32(jnp.inf))
-        )
+        def fixed(_, state):
+            tau, lo, hi = state
+            new_tau, lo, hi, f = propose(tau, lo, hi)
+            return jnp.where(f == 0, tau, new_tau), lo, hi
+
+        tau, _, _ = jax.lax.fori_loop(0, int(n_iter), fixed, (tau, lo, hi))
         return tau
 
     cap = _MAX_ITER["halley" if use_halley else "bisect"]
+    tiny = 2.0 ** -22
 
     def cond(carry):
-        i, state = carry
-        return (i < cap) & (state[3] > _TOL)
+        i, _, _, _, done = carry
+        return (i < cap) & ~jnp.all(done)
 
     def body(carry):
-        i, state = carry
-        return i + 1, step(state)
+        i, tau, lo, hi, done = carry
+        new_tau, lo, hi, f = propose(tau, lo, hi)
+        converged = jnp.abs(f) < _TOL
+        stalled = jnp.abs(new_tau - tau) <= tiny * jnp.abs(tau)
+        # A converged row keeps the τ its residual was measured at.
+        tau = jnp.where(done | converged, tau, new_tau)
+        return i + 1, tau, lo, hi, done | converged | stalled
 
-    _, (tau, *_rest) = jax.lax.while_loop(
-        cond, body, (0, (tau, lo, hi, jnp.float32(jnp.inf)))
-    )
+    done0 = jnp.zeros(tau.shape, jnp.bool_)
+    _, tau, *_ = jax.lax.while_loop(cond, body, (0, tau, lo, hi, done0))
     return tau
 
 
@@ -190,29 +241,37 @@ def _choose_solver(solver: str, alpha_static: float | None) -> str:
 
 
 def _prepare(x, alpha):
-    """Shifts rows to max 0, scales by (α − 1), clamps; returns (x_scaled, row_has_entries)."""
+    """Shifts rows to max 0 and scales by (α − 1).
+
+    Returns (scaled, finite, has_any, row_max): ``scaled`` is −inf exactly where ``x`` is
+    −inf (fully masked rows are shifted by 0, so they stay −inf and never make NaN).
+    XLA fuses ``scaled`` into its consumers; it is not written to memory on its own.
+    """
     x = x.astype(jnp.float32)
-    finite = x > -jnp.inf
-    has_any = jnp.any(finite, axis=-1, keepdims=True)
-    row_max = jnp.max(jnp.where(finite, x, -jnp.inf), axis=-1, keepdims=True)
+    row_max = jnp.max(x, axis=-1, keepdims=True)
+    has_any = row_max > -jnp.inf
     row_max = jnp.where(has_any, row_max, 0.0)
-    shifted = jnp.where(finite, x - row_max, -jnp.inf)
-    scaled = jnp.maximum((alpha - 1.0) * shifted, _FLOOR)
-    return scaled, shifted, finite, has_any
+    scaled = (alpha - 1.0) * (x - row_max)
+    finite = x > -jnp.inf
+    return scaled, finite, has_any, row_max
+
+
+def _solve(scaled, alpha, alpha_static, solver, n_iter):
+    if solver == "sort":
+        # Sorting needs finite keys: entries ≤ −1 are never in the support, so clamp.
+        return _threshold_sort(jnp.maximum(scaled, _FLOOR), alpha_static)
+    return _threshold_iterative(scaled, alpha, alpha_static, n_iter, solver == "halley")
 
 
 def _probabilities(x, alpha, alpha_static, solver, n_iter):
-    """Forward on the last axis. Returns p (float32) and the shifted scores."""
-    scaled, shifted, finite, has_any = _prepare(x, alpha)
-    if solver == "sort":
-        tau = _threshold_sort(scaled, alpha_static)
-    else:
-        tau = _threshold_iterative(scaled, alpha, alpha_static, n_iter, solver == "halley")
-    z = jnp.where(finite, jnp.maximum(scaled - tau, 0.0), 0.0)
+    """Forward on the last axis. Returns p (float32) and the row max."""
+    scaled, _, has_any, row_max = _prepare(x, alpha)
+    tau = _solve(scaled, alpha, alpha_static, solver, n_iter)
+    z = jnp.maximum(scaled - tau, 0.0)
     p, _, _ = _powers(alpha_static, alpha, z)
     total = jnp.sum(p, axis=-1, keepdims=True)
-    p = jnp.where(has_any, p / jnp.where(total > 0, total, 1.0), 0.0)
-    return p, shifted
+    scale = jnp.where(has_any & (total > 0), 1.0 / jnp.where(total > 0, total, 1.0), 0.0)
+    return p * scale, row_max
 
 
 def _support_weights(p, alpha, alpha_static):
@@ -233,12 +292,14 @@ def _entmax_last(x, alpha, alpha_static, solver, n_iter):
 
 
 def _entmax_last_fwd(x, alpha, alpha_static, solver, n_iter):
-    p, shifted = _probabilities(x, alpha, alpha_static, solver, n_iter)
-    return p, (p, shifted, alpha)
+    p, row_max = _probabilities(x, alpha, alpha_static, solver, n_iter)
+    # The α gradient needs the scores; a static α does not, so nothing more is saved.
+    scores = None if alpha_static is not None else (x, row_max)
+    return p, (p, scores, alpha)
 
 
 def _entmax_last_bwd(alpha_static, solver, n_iter, res, g):
-    p, shifted, alpha = res
+    p, scores, alpha = res
     g = g.astype(jnp.float32)
     u = _support_weights(p, alpha, alpha_static)
     u_sum = jnp.sum(u, axis=-1, keepdims=True)
@@ -251,8 +312,9 @@ def _entmax_last_bwd(alpha_static, solver, n_iter, res, g):
         # p_j(α) = z_j^c0 with z_j = (α−1)s_j − τ(α), c0 = 1/(α−1); differentiating Σp = 1:
         #   dp_j/dα = c0·u_j·(s_j − τ') − c0·p_j·log p_j,  τ' = (Σ u s − Σ p log p) / Σ u.
         # Shift-invariant in s, so the row-max-shifted scores are used (finite on the support).
+        x, row_max = scores
         pos = p > 0
-        s = jnp.where(pos, shifted, 0.0)
+        s = jnp.where(pos, x.astype(jnp.float32) - row_max, 0.0)
         p_log_p = jnp.where(pos, p * jnp.log(jnp.where(pos, p, 1.0)), 0.0)
         tau_prime = (jnp.sum(u * s, axis=-1, keepdims=True) - jnp.sum(p_log_p, axis=-1, keepdims=True)) / u_sum_safe
         c0 = 1.0 / (alpha - 1.0)
@@ -323,7 +385,8 @@ def entmax(x, alpha=1.5, axis: int = -1, *, n_iter: int | None = None, solver: S
         comparison) or "sort" (exact; α = 1.5 or 2 given as Python floats only).
     """
     x, xm, axis, alpha_rows, alpha_static, solver = _validate(x, axis, n_iter, alpha, solver)
-    p = _entmax_last(xm, alpha_rows, alpha_static, solver, n_iter)
+    # float32 inside: the custom_vjp sees float32 and autodiff casts the cotangent back.
+    p = _entmax_last(xm.astype(jnp.float32), alpha_rows, alpha_static, solver, n_iter)
     return jnp.moveaxis(p.astype(x.dtype), -1, axis)
 
 
@@ -345,11 +408,7 @@ def entmax_threshold(x, alpha=1.5, axis: int = -1, *, n_iter: int | None = None,
     """
     x, xm, axis, alpha_rows, alpha_static, solver = _validate(x, axis, n_iter, alpha, solver)
     xm = xm.astype(jnp.float32)
-    scaled, _, finite, has_any = _prepare(xm, alpha_rows)
-    if solver == "sort":
-        tau = _threshold_sort(scaled, alpha_static)
-    else:
-        tau = _threshold_iterative(scaled, alpha_rows, alpha_static, n_iter, solver == "halley")
-    row_max = jnp.max(jnp.where(finite, xm, -jnp.inf), axis=-1, keepdims=True)
-    tau = jnp.where(has_any, tau + (alpha_rows - 1.0) * jnp.where(has_any, row_max, 0.0), jnp.inf)
+    scaled, _, has_any, row_max = _prepare(xm, alpha_rows)
+    tau = _solve(scaled, alpha_rows, alpha_static, solver, n_iter)
+    tau = jnp.where(has_any, tau + (alpha_rows - 1.0) * row_max, jnp.inf)
     return jax.lax.stop_gradient(jnp.moveaxis(tau, -1, axis))

@@ -1,0 +1,113 @@
+"""Iterations of the τ solver to reach |Σp − 1| < tol: Halley–bisection vs plain bisection.
+
+Rows are attention-like: s = scale · q·k/√d for Gaussian q, k (d = 64), one block of
+``--rows`` query rows per setting. For k = 1, 2, ... the threshold is computed with exactly
+k solver iterations (``entmax_threshold(..., n_iter=k)``, float32), and the unnormalised
+mass Σ_j [(α−1)s_j − τ]_+^(1/(α−1)) of every row is evaluated in float64 with numpy.
+A setting counts as reached at the first k for which every row is within the tolerance.
+
+One iteration of either solver is one pass over the row (power sums at one τ); neither
+solver has an initialisation pass (the starting bracket [max − 1, max − n^(1−α)] is
+analytic), so iterations compare passes one to one.
+
+float32 floor: a float32 τ cannot do better than the float64 root rounded to float32; the
+column ``fp32 floor`` is the worst row's |Σp − 1| at that rounded root. Where the floor
+is above the tolerance, the target is max(tol, 2 × floor) for both solvers (marked *).
+
+    python benchmarks/entmax_iterations.py                       # n = 256 ... 16384
+    python benchmarks/entmax_iterations.py --lengths 256 1024 --rows 8   # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from adasplash_jax.entmax import entmax_threshold  # noqa: E402
+
+
+def mass_f64(s, tau, alpha):
+    """Σ_j [(α−1)s_j − τ]_+^(1/(α−1)) per row, in float64."""
+    z = np.maximum((alpha - 1.0) * s.astype(np.float64) - tau.astype(np.float64), 0.0)
+    return np.sum(z ** (1.0 / (alpha - 1.0)), axis=-1)
+
+
+def root_f64(s, alpha, iters=200):
+    """τ per row by float64 bisection (independent of the code under test)."""
+    x = (alpha - 1.0) * s.astype(np.float64)
+    m = x.max(-1, keepdims=True)
+    lo, hi = m - 1.0, m
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        f = np.sum(np.maximum(x - mid, 0.0) ** (1.0 / (alpha - 1.0)), -1, keepdims=True) - 1.0
+        lo = np.where(f > 0, mid, lo)
+        hi = np.where(f > 0, hi, mid)
+    return 0.5 * (lo + hi)
+
+
+@functools.lru_cache(maxsize=None)
+def solver_fn(alpha, solver, k):
+    return jax.jit(lambda s: entmax_threshold(s, alpha, n_iter=k, solver=solver))
+
+
+def iterations_to(s, alpha, solver, target, cap):
+    for k in range(1, cap + 1):
+        tau = np.asarray(solver_fn(alpha, solver, k)(s))
+        err = np.max(np.abs(mass_f64(s, tau, alpha) - 1.0))
+        if err < target:
+            return k, err
+    return None, err
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 4096, 16384])
+    ap.add_argument("--scales", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0, 8.0])
+    ap.add_argument("--alphas", type=float, nargs="+", default=[1.5])
+    ap.add_argument("--rows", type=int, default=32)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--tol", type=float, default=1e-6)
+    ap.add_argument("--cap", type=int, default=60)
+    args = ap.parse_args(argv)
+
+    rng = np.random.default_rng(0)
+    print(f"jax {jax.__version__}; {args.rows} attention-like rows per setting, d = {args.head_dim}, "
+          f"tol = {args.tol:g}; iterations until every row has |sum p - 1| < target")
+    print()
+    print("| alpha | n | scale | fp32 floor | halley iters | bisect iters | bisect / halley |")
+    print("|---|---|---|---|---|---|---|")
+    ratios = []
+    for alpha in args.alphas:
+        for n in args.lengths:
+            q = rng.standard_normal((args.rows, args.head_dim))
+            kmat = rng.standard_normal((n, args.head_dim))
+            base = (q @ kmat.T) / np.sqrt(args.head_dim)
+            for scale in args.scales:
+                s = (scale * base).astype(np.float32)
+                tau64 = root_f64(s, alpha)
+                floor = np.max(np.abs(mass_f64(s, tau64.astype(np.float32), alpha) - 1.0))
+                target = args.tol if 2 * floor < args.tol else 2 * floor
+                mark = "" if target == args.tol else "*"
+                kh, _ = iterations_to(s, alpha, "halley", target, args.cap)
+                kb, _ = iterations_to(s, alpha, "bisect", target, args.cap)
+                ratio = (kb / kh) if (kh and kb) else None
+                if ratio:
+                    ratios.append(ratio)
+                fmt = lambda k: str(k) if k else f"> {args.cap}"  # noqa: E731
+                print(f"| {alpha:g} | {n} | {scale:g} | {floor:.1e}{mark} | {fmt(kh)} | {fmt(kb)} | "
+                      f"{'%.1fx' % ratio if ratio else '-'} |")
+    if ratios:
+        print()
+        print(f"bisect / halley iterations: min {min(ratios):.1f}x, median {np.median(ratios):.1f}x, "
+              f"max {max(ratios):.1f}x over {len(ratios)} settings")
+
+
+if __name__ == "__main__":
+    main()
