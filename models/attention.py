@@ -22,6 +22,9 @@ from flax import nnx
 from adasplash_jax import entmax, entmax_attention
 
 ATTENTION_KINDS = ("softmax", "entmax", "adasplash")
+# Learned α = ALPHA_MIN + (2 - ALPHA_MIN)·sigmoid(logit): strictly above 1 even in float32
+# (α → 1 is softmax, where entmax's 1/(α−1) powers blow up), at most 2.
+ALPHA_MIN = 1.01
 
 
 # --------------------------------------------------------------------------- attention functions
@@ -109,7 +112,7 @@ class SelfAttention(nnx.Module):
     """Multi-head self-attention: q, k, v projections, one attention function, output projection.
 
     α is either fixed (a float or a tuple per head, static) or learned per head as
-    ``α = 1 + sigmoid(alpha_logit)``, which keeps it inside (1, 2).
+    ``α = ALPHA_MIN + (2 − ALPHA_MIN)·sigmoid(alpha_logit)``, which keeps it inside (1, 2].
     """
 
     def __init__(
@@ -139,7 +142,7 @@ class SelfAttention(nnx.Module):
         self.learn_alpha = learn_alpha
         if learn_alpha:
             a = np.broadcast_to(np.asarray(alpha, np.float32), (n_head,))
-            frac = np.clip(a - 1.0, 1e-3, 1.0 - 1e-3)  # α = 2 itself is the (open) limit
+            frac = np.clip((a - ALPHA_MIN) / (2.0 - ALPHA_MIN), 1e-3, 1.0 - 1e-3)
             self.alpha_logit = nnx.Param(jnp.asarray(np.log(frac / (1.0 - frac)), param_dtype))
             self.alpha = None
         else:
@@ -150,7 +153,7 @@ class SelfAttention(nnx.Module):
         if override is not None:
             return override
         if self.learn_alpha:
-            return 1.0 + jax.nn.sigmoid(self.alpha_logit[...].astype(jnp.float32))
+            return ALPHA_MIN + (2.0 - ALPHA_MIN) * jax.nn.sigmoid(self.alpha_logit[...].astype(jnp.float32))
         if isinstance(self.alpha, tuple):
             return jnp.asarray(self.alpha, jnp.float32)
         return self.alpha

@@ -44,7 +44,7 @@ class GPT2Config:
     initializer_range: float = 0.02
     attention: str = "softmax"  # "softmax" | "entmax" | "adasplash"
     alpha: float | tuple = 1.5  # float, per layer (tuple), or per layer and head (tuple of tuples)
-    learn_alpha: bool = False  # α per head learned as 1 + sigmoid(logit), initialised from `alpha`
+    learn_alpha: bool = False  # α per head learned as 1.01 + 0.99·sigmoid(logit), initialised from `alpha`
     dropout: float = 0.0  # embeddings, residual branches (not attention probabilities)
     dtype: Any = jnp.float32  # compute dtype
     param_dtype: Any = jnp.float32

@@ -21,8 +21,9 @@ def attention_maps(model, input_ids, attention_mask=None, **call_kwargs):
 def attention_sparsity(model, input_ids, attention_mask=None, **call_kwargs):
     """Fraction of exact zeros among the allowed (unmasked) attention entries, [n_layers, n_heads].
 
-    0 for softmax attention. Allowed entries: causal for GPT-2, non-padded keys where
-    ``attention_mask`` is given. Pure JAX, so it can run under ``jax.jit``/``nnx.jit``.
+    0 for softmax attention. Allowed entries: causal for GPT-2; where ``attention_mask`` is
+    given, only pairs of a non-padded query and a non-padded key (padded query rows are
+    junk and not counted). Pure JAX, so it can run under ``jax.jit``/``nnx.jit``.
     """
     probs = attention_maps(model, input_ids, attention_mask, **call_kwargs)  # [L, B, N, T, S]
     L, B, N, T, S = probs.shape
@@ -32,7 +33,8 @@ def attention_sparsity(model, input_ids, attention_mask=None, **call_kwargs):
     if _is_causal(model):
         keep = keep & (jnp.arange(S)[None, :] <= jnp.arange(T)[:, None])
     if attention_mask is not None:
-        keep = keep & jnp.asarray(attention_mask).astype(bool)[:, None, None, :]
+        valid = jnp.asarray(attention_mask).astype(bool)
+        keep = keep & valid[:, None, None, :] & valid[:, None, :, None]
     keep = jnp.broadcast_to(keep, (B, N, T, S))
     zeros = ((probs == 0) & keep).sum(axis=(1, 3, 4)).astype(jnp.float32)
     return zeros / jnp.maximum(keep.sum(axis=(0, 2, 3)).astype(jnp.float32), 1.0)

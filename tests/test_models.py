@@ -1,0 +1,362 @@
+"""GPT-2 / BERT NNX models: configs, shapes, masking, α handling, inspection, generation, errors.
+
+Oracles here are properties that hold independently of the implementation (causality,
+padding invariance, the uncached argmax loop, ...); numerical parity with Hugging Face's
+torch models is in test_models_hf.py, the Pallas path in test_models_adasplash.py.
+"""
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from models import (
+    BertConfig,
+    BertForMaskedLM,
+    BertForSequenceClassification,
+    BertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    attention_sparsity,
+    make_attention_fn,
+    plot_attention,
+    set_attention_fn,
+)
+from models import gpt2 as gpt2_module
+
+KINDS = ("softmax", "entmax")
+
+
+def gpt2(attention="softmax", **kw):
+    return GPT2LMHeadModel(GPT2Config.preset("tiny", attention=attention, **kw), rngs=nnx.Rngs(0))
+
+
+def bert(cls=BertModel, attention="softmax", **kw):
+    return cls(BertConfig.preset("tiny", attention=attention, **kw), rngs=nnx.Rngs(0))
+
+
+def ids(shape, vocab=128, seed=0):
+    return jnp.asarray(np.random.RandomState(seed).randint(0, vocab, shape), jnp.int32)
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def test_presets_match_published_sizes():
+    sizes = {"gpt2": (768, 12, 12), "gpt2-medium": (1024, 24, 16), "gpt2-large": (1280, 36, 20), "gpt2-xl": (1600, 48, 25)}
+    for name, (d, l, h) in sizes.items():
+        c = GPT2Config.preset(name)
+        assert (c.n_embd, c.n_layer, c.n_head, c.vocab_size, c.n_positions) == (d, l, h, 50257, 1024)
+    b, large = BertConfig.preset("bert-base"), BertConfig.preset("bert-large")
+    assert (b.hidden_size, b.num_hidden_layers, b.num_attention_heads, b.intermediate_size) == (768, 12, 12, 3072)
+    assert (large.hidden_size, large.num_hidden_layers, large.num_attention_heads) == (1024, 24, 16)
+    assert b.vocab_size == 30522 and b.max_position_embeddings == 512
+    c = dataclasses.replace(GPT2Config.preset("tiny"), attention="entmax", alpha=[1.2, 2.0])
+    assert c.alpha == (1.2, 2.0) and c.attention == "entmax"
+    with pytest.raises(ValueError, match="preset"):
+        GPT2Config.preset("gpt3")
+
+
+@pytest.mark.parametrize(
+    "make, field",
+    [
+        (lambda: GPT2Config(n_head=5), "n_head"),
+        (lambda: GPT2Config(attention="linear"), "attention"),
+        (lambda: GPT2Config(alpha=2.5), "alpha"),
+        (lambda: GPT2Config(alpha=1.0), "alpha"),
+        (lambda: GPT2Config.preset("tiny", alpha=(1.5,)), "alpha"),
+        (lambda: GPT2Config.preset("tiny", alpha=(1.5, (1.5, 1.5))), "alpha"),
+        (lambda: GPT2Config(dropout=1.0), "dropout"),
+        (lambda: GPT2Config(activation_function="swish2"), "activation_function"),
+        (lambda: GPT2Config(n_layer=0), "n_layer"),
+        (lambda: GPT2Config(dtype=jnp.int32), "dtype"),
+        (lambda: BertConfig(hidden_act="nope"), "hidden_act"),
+        (lambda: BertConfig(num_labels=0), "num_labels"),
+        (lambda: BertConfig(learn_alpha="yes"), "learn_alpha"),
+    ],
+)
+def test_config_validation_names_the_field(make, field):
+    with pytest.raises(ValueError, match=field):
+        make()
+
+
+# --------------------------------------------------------------------------- shapes and masking
+
+
+@pytest.mark.parametrize("attention", KINDS)
+def test_shapes(attention):
+    x = ids((2, 8))
+    assert gpt2(attention)(x).shape == (2, 8, 128)
+    assert bert(BertModel, attention)(x).shape == (2, 8, 32)
+    assert bert(BertForMaskedLM, attention)(x).shape == (2, 8, 128)
+    assert bert(BertForSequenceClassification, attention, num_labels=3)(x).shape == (2, 3)
+
+
+@pytest.mark.parametrize("attention", KINDS)
+def test_gpt2_future_tokens_never_change_earlier_logits(attention):
+    model = gpt2(attention)
+    a = ids((2, 12), seed=1)
+    b = a.at[:, 7:].set(ids((2, 5), seed=2))
+    la, lb = model(a), model(b)
+    np.testing.assert_allclose(la[:, :7], lb[:, :7], atol=1e-6)
+    assert not np.allclose(la[:, 7:], lb[:, 7:], atol=1e-3)
+
+
+@pytest.mark.parametrize("attention", KINDS)
+def test_gpt2_right_padding_does_not_change_valid_logits(attention):
+    model = gpt2(attention)
+    x = ids((1, 6), seed=3)
+    padded = jnp.concatenate([x, ids((1, 4), seed=4)], axis=1)
+    mask = jnp.array([[1] * 6 + [0] * 4])
+    np.testing.assert_allclose(model(padded, mask)[:, :6], model(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("attention", KINDS)
+@pytest.mark.parametrize("cls", [BertModel, BertForMaskedLM, BertForSequenceClassification])
+def test_bert_padding_invariance(cls, attention):
+    model = bert(cls, attention)
+    short = ids((1, 5), seed=5)
+    padded = jnp.concatenate([short, ids((1, 3), seed=6)], axis=1)  # junk tokens under the mask
+    mask = jnp.array([[1] * 5 + [0] * 3])
+    tt_short, tt_padded = jnp.zeros_like(short).at[:, 3:].set(1), jnp.zeros_like(padded).at[:, 3:].set(1)
+    out_short = model(short, None, tt_short)
+    out_padded = model(padded, mask, tt_padded)
+    if cls is not BertForSequenceClassification:
+        out_padded = out_padded[:, :5]
+    np.testing.assert_allclose(out_padded, out_short, atol=1e-5)
+    # the same sequence in a batch next to a longer one gives the same result too
+    batch = jnp.concatenate([padded, ids((1, 8), seed=7)], axis=0)
+    out_batch = model(batch, jnp.concatenate([mask, jnp.ones((1, 8), jnp.int32)]))
+    np.testing.assert_allclose(out_batch[:1] if cls is BertForSequenceClassification else out_batch[:1, :5],
+                               model(padded, mask)[:, :5] if cls is not BertForSequenceClassification
+                               else model(padded, mask), atol=1e-5)
+
+
+# --------------------------------------------------------------------------- α
+
+
+def test_alpha_override_is_traced_without_retracing():
+    model = gpt2("entmax", alpha=1.5)
+    x = ids((1, 8))
+    traces = []
+
+    @nnx.jit
+    def forward(model, x, alpha):
+        traces.append(1)
+        return model(x, alpha=alpha)
+
+    a13 = forward(model, x, jnp.float32(1.3))
+    a19 = forward(model, x, jnp.float32(1.9))
+    assert len(traces) == 1
+    assert not np.allclose(a13, a19, atol=1e-4)
+    # the override equals building the model with that α (same weights)
+    same_weights = GPT2LMHeadModel(dataclasses.replace(model.config, alpha=1.9), rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(a19, same_weights(x), atol=1e-5)
+    # softmax ignores α
+    sm = gpt2("softmax")
+    np.testing.assert_allclose(sm(x, alpha=jnp.float32(1.9)), sm(x), atol=0)
+
+
+def test_alpha_per_layer_and_per_head():
+    heads = (1.1, 1.5, 1.8, 2.0)
+    model = gpt2("entmax", alpha=(2.0, heads))
+    assert model.h[0].attn.current_alpha() == 2.0
+    np.testing.assert_allclose(model.h[1].attn.current_alpha(), heads)
+    x = ids((1, 16))
+    s = np.asarray(attention_sparsity(model, x))
+    assert s.shape == (2, 4)
+    # sparsemax (α = 2) is at least as sparse as α = 1.1 on these near-uniform random scores
+    assert s[1, 3] >= s[1, 0]
+
+
+def test_learnable_alpha_gets_gradients_and_stays_in_range():
+    model = gpt2("entmax", alpha=1.5, learn_alpha=True)
+    a = model.h[0].attn.current_alpha()
+    np.testing.assert_allclose(a, 1.5, atol=1e-6)
+    x = ids((2, 8))
+
+    def loss(model):
+        logits = model(x[:, :-1])
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), x[:, 1:, None], -1))
+
+    grads = nnx.grad(loss)(model)
+    for i in range(2):
+        g = np.asarray(grads["h"][i]["attn"]["alpha_logit"][...])
+        assert g.shape == (4,) and np.all(np.isfinite(g)) and np.any(g != 0)
+    model.h[0].attn.alpha_logit[...] = jnp.array([-100.0, -3.0, 3.0, 100.0])
+    a = np.asarray(model.h[0].attn.current_alpha())
+    assert np.all(a > 1.0) and np.all(a <= 2.0)
+
+
+# --------------------------------------------------------------------------- attention functions
+
+
+def test_make_attention_fn_and_set_attention_fn():
+    q = jax.random.normal(jax.random.key(0), (1, 5, 2, 8))
+    sm = make_attention_fn("softmax")
+    np.testing.assert_allclose(
+        sm(q, q, q, alpha=1.5, mask=None, is_causal=True, key_value_seq_lengths=None),
+        jax.nn.dot_product_attention(q, q, q, is_causal=True), atol=1e-6,
+    )
+    with pytest.raises(ValueError, match="attention"):
+        make_attention_fn("linear")
+
+    model = gpt2("entmax")
+    x = ids((1, 8))
+    expected = model(x)
+    calls = []
+    inner = make_attention_fn("entmax")
+
+    def recording(query, key, value, *, alpha, mask, is_causal, key_value_seq_lengths):
+        calls.append((alpha, is_causal))
+        return inner(query, key, value, alpha=alpha, mask=mask, is_causal=is_causal,
+                     key_value_seq_lengths=key_value_seq_lengths)
+
+    set_attention_fn(model, recording)
+    np.testing.assert_allclose(model(x), expected, atol=0)
+    assert calls == [(1.5, True)] * 2
+    with pytest.raises(ValueError, match="callable"):
+        set_attention_fn(model, None)
+
+
+# --------------------------------------------------------------------------- dropout
+
+
+def test_dropout_uses_the_models_dropout_stream():
+    model = GPT2LMHeadModel(GPT2Config.preset("tiny", dropout=0.2), rngs=nnx.Rngs(params=0, dropout=1))
+    x = ids((1, 8))
+    det = model(x)
+    np.testing.assert_allclose(model(x, deterministic=True), det, atol=0)
+    d1, d2 = model(x, deterministic=False), model(x, deterministic=False)
+    assert not np.allclose(d1, det) and not np.allclose(d1, d2)
+
+
+# --------------------------------------------------------------------------- inspection
+
+
+def test_attention_sparsity_counts_only_allowed_entries():
+    model = gpt2("entmax", alpha=2.0)
+    x = ids((1, 10), seed=8)
+    s = attention_sparsity(model, x)
+    assert s.shape == (2, 4) and s.dtype == jnp.float32
+    assert np.all((np.asarray(s) >= 0) & (np.asarray(s) < 1))
+    # jit-friendly, and softmax is dense by definition
+    np.testing.assert_allclose(nnx.jit(attention_sparsity)(model, x), s, atol=0)
+    np.testing.assert_array_equal(attention_sparsity(gpt2("softmax"), x), np.zeros((2, 4)))
+    # padded keys and queries are not counted: padding leaves the statistic (nearly) unchanged
+    padded = jnp.concatenate([x, ids((1, 6), seed=9)], axis=1)
+    mask = jnp.array([[1] * 10 + [0] * 6])
+    for m in (model, bert(BertModel, "entmax", alpha=2.0)):
+        np.testing.assert_allclose(attention_sparsity(m, padded, mask), attention_sparsity(m, x), atol=0.03)
+    # an independent count on the maps of a bidirectional model: zeros over all T*T entries
+    from models import attention_maps
+
+    bm = bert(BertModel, "entmax", alpha=2.0)
+    maps = np.asarray(attention_maps(bm, x))
+    np.testing.assert_allclose(attention_sparsity(bm, x), (maps == 0).mean(axis=(1, 3, 4)), atol=1e-6)
+
+
+def test_attention_maps_are_distributions_over_allowed_keys():
+    from models import attention_maps
+
+    model = bert(BertModel, "entmax", alpha=1.5)
+    x = ids((2, 7))
+    mask = jnp.array([[1] * 7, [1] * 4 + [0] * 3])
+    maps = np.asarray(attention_maps(model, x, mask))
+    assert maps.shape == (2, 2, 4, 7, 7)
+    np.testing.assert_allclose(maps.sum(-1), 1.0, atol=1e-5)
+    assert np.all(maps[:, 1, :, :, 4:] == 0)
+    causal = np.asarray(attention_maps(gpt2("entmax"), x))
+    assert np.all(np.triu(np.ones((7, 7)), 1)[None, None, None] * causal == 0)
+
+
+def test_plot_attention_writes_a_png(tmp_path):
+    model = gpt2("entmax")
+    path = os.path.join(tmp_path, "attn.png")
+    fig = plot_attention(model, ids((1, 6)), path=path, tokens=list("abcdef"))
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert len(fig.axes) == 2 * 4
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def _argmax_loop(model, prompt, n):
+    x = prompt
+    for _ in range(n):
+        nxt = jnp.argmax(model(x)[:, -1], axis=-1).astype(x.dtype)
+        x = jnp.concatenate([x, nxt[:, None]], axis=1)
+    return x
+
+
+@pytest.mark.parametrize("attention", KINDS)
+def test_greedy_cached_generation_equals_uncached_argmax_loop(attention):
+    model = gpt2(attention)
+    prompt = ids((2, 5), seed=10)
+    out = model.generate(prompt, 6)
+    assert out.shape == (2, 11)
+    np.testing.assert_array_equal(out, _argmax_loop(model, prompt, 6))
+
+
+def test_decode_step_is_compiled_once_and_reused():
+    model = gpt2("entmax")
+    prompt = ids((1, 7), seed=11)  # a shape no other test uses: the first call traces
+    before = dict(gpt2_module.TRACE_COUNTS)
+    model.generate(prompt, 9)
+    assert gpt2_module.TRACE_COUNTS["decode"] - before.get("decode", 0) == 1
+    assert gpt2_module.TRACE_COUNTS["prefill"] - before.get("prefill", 0) == 1
+    model.generate(prompt, 9)  # same shapes: nothing is traced again
+    assert gpt2_module.TRACE_COUNTS["decode"] - before.get("decode", 0) == 1
+
+
+def test_sampling_options():
+    model = gpt2("entmax")
+    prompt = ids((1, 4), seed=12)
+    greedy = model.generate(prompt, 5)
+    key = jax.random.key(3)
+    np.testing.assert_array_equal(model.generate(prompt, 5, temperature=1.0, top_k=1, rng=key), greedy)
+    np.testing.assert_array_equal(model.generate(prompt, 5, temperature=1.0, top_p=1e-6, rng=key), greedy)
+    a = model.generate(prompt, 8, temperature=5.0, rng=key)
+    np.testing.assert_array_equal(model.generate(prompt, 8, temperature=5.0, rng=key), a)
+    assert not np.array_equal(model.generate(prompt, 8, temperature=5.0, rng=jax.random.key(4)), a)
+    # top_k restricts the sampled token to the k most likely under the same prefix
+    out = model.generate(prompt, 1, temperature=5.0, top_k=3, rng=key)
+    top3 = np.argsort(np.asarray(model(prompt)[0, -1]))[-3:]
+    assert int(out[0, -1]) in top3
+    with pytest.raises(ValueError, match="rng"):
+        model.generate(prompt, 2, temperature=1.0)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_bad_inputs_are_named():
+    model = gpt2()
+    with pytest.raises(ValueError, match="vocabulary"):
+        model(jnp.array([[1, 2, 128]]))
+    with pytest.raises(ValueError, match="vocabulary"):
+        model(jnp.array([[1, -1]]))
+    with pytest.raises(ValueError, match="position table"):
+        model(jnp.zeros((1, 65), jnp.int32))
+    with pytest.raises(ValueError, match="position table"):
+        model.generate(jnp.zeros((1, 60), jnp.int32), 5)
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(jnp.zeros((1, 6), jnp.int32), jnp.ones((1, 5)))
+    with pytest.raises(ValueError, match="input_ids"):
+        model(jnp.zeros((6,), jnp.int32))
+    with pytest.raises(ValueError, match="input_ids"):
+        model(jnp.zeros((1, 6), jnp.float32))
+    b = bert(BertModel)
+    with pytest.raises(ValueError, match="token_type_ids"):
+        b(jnp.zeros((1, 4), jnp.int32), None, jnp.full((1, 4), 2))
+    with pytest.raises(ValueError, match="position table"):
+        b(jnp.zeros((1, 65), jnp.int32))
+    # the Pallas path takes padding as lengths: only right padding
+    ada = gpt2("adasplash")
+    with pytest.raises(ValueError, match="right-padded"):
+        ada(jnp.zeros((1, 4), jnp.int32), jnp.array([[0, 1, 1, 1]]))
