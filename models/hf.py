@@ -233,9 +233,11 @@ def save_pretrained(model, path: str) -> None:
     arch = _architecture_of(model)
     family = ARCHITECTURES[arch][0]
     hf = family.config_to_hf(model.config, arch)
-    layers = attention_layers(model)
-    alphas = [np.broadcast_to(np.asarray(layer.current_alpha(), np.float32), (layer.n_head,)) for layer in layers]
-    hf[_CONFIG_KEY] = {"attention": model.config.attention, "alpha": [a.tolist() for a in alphas]}
+    if model.config.learn_alpha:  # the learned values, per layer and head
+        alpha = [np.asarray(layer.current_alpha(), np.float64).tolist() for layer in attention_layers(model)]
+    else:
+        alpha = model.config.alpha  # float or (nested) tuple, exactly as configured
+    hf[_CONFIG_KEY] = {"attention": model.config.attention, "alpha": alpha}
     tensors = {}
     for name, paths, op in family.hf_weight_map(model.config, arch):
         arrays = [np.asarray(jax.device_get(_variable(model, p)[...]), np.float32) for p in paths]
