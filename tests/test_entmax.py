@@ -1,0 +1,331 @@
+"""α-entmax: simplex/sparsity, solvers against each other and against the PyPI `entmax`
+package (PyTorch, float64), gradients (x and α) against finite differences and PyTorch
+autograd, masking, dtypes, JAX transformations and argument errors."""
+
+import chex
+import entmax as pypi
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax.test_util import check_grads
+
+from adasplash_jax import entmax, entmax15, entmax_threshold, sparsemax
+
+ALPHAS = [1.25, 1.5, 1.75, 2.0]
+
+
+def rand(shape, scale=1.0, seed=0):
+    return (scale * np.random.default_rng(seed).standard_normal(shape)).astype(np.float32)
+
+
+def torch_entmax(x, alpha):
+    """The PyPI package in float64: the exact solvers for 1.5 / 2, bisection otherwise."""
+    t = torch.tensor(np.asarray(x, np.float64))
+    if alpha == 1.5:
+        return pypi.entmax15(t, dim=-1).numpy()
+    if alpha == 2.0:
+        return pypi.sparsemax(t, dim=-1).numpy()
+    return pypi.entmax_bisect(t, alpha, dim=-1, n_iter=200).numpy()
+
+
+# ------------------------------------------------------------------ values
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+@pytest.mark.parametrize("scale", [0.1, 1.0, 10.0])
+def test_matches_pypi_entmax(alpha, scale):
+    x = rand((16, 300), scale, seed=1)
+    p = np.asarray(entmax(x, alpha))
+    np.testing.assert_allclose(p, torch_entmax(x, alpha), atol=2e-6)
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+@pytest.mark.parametrize("axis", [0, 1, -1])
+def test_simplex_on_any_axis(alpha, axis):
+    x = rand((7, 9, 11), 2.0, seed=2)
+    p = np.asarray(entmax(x, alpha, axis=axis))
+    assert p.shape == x.shape
+    assert (p >= 0).all()
+    np.testing.assert_allclose(p.sum(axis=axis), 1.0, atol=1e-5)
+    ref = np.moveaxis(torch_entmax(np.moveaxis(x, axis, -1), alpha), -1, axis)
+    np.testing.assert_allclose(p, ref, atol=2e-6)
+
+
+@pytest.mark.parametrize("alpha", [1.5, 2.0])
+def test_hand_computed_sparse_values(alpha):
+    # A gap of more than 1/(α−1) between the top score and the rest gives a one-hot.
+    chex.assert_trees_all_close(entmax(jnp.array([10.0, 0.0, -1.0]), alpha), jnp.array([1.0, 0.0, 0.0]))
+    # Two tied top scores far above the rest split the mass evenly.
+    chex.assert_trees_all_close(entmax(jnp.array([5.0, 5.0, -5.0]), alpha), jnp.array([0.5, 0.5, 0.0]), atol=1e-6)
+    # sparsemax([1, 0.5, 0]): τ = 0.25, p = [0.75, 0.25, 0]; entmax15 of the same scores:
+    # x = s/2 = [.5, .25, 0], all three in the support: Σ(x − τ)² = 1 ⇔ 3τ² − 1.5τ − 0.6875 = 0.
+    if alpha == 2.0:
+        want = np.array([0.75, 0.25, 0.0])
+    else:
+        tau = (1.5 - np.sqrt(1.5**2 + 12 * 0.6875)) / 6
+        want = np.maximum(np.array([0.5, 0.25, 0.0]) - tau, 0) ** 2
+        assert want[2] > 0  # all three in the support for α = 1.5
+    np.testing.assert_allclose(np.asarray(entmax(jnp.array([1.0, 0.5, 0.0]), alpha)), want, atol=1e-6)
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+def test_sparsity_grows_with_alpha_and_scale(alpha):
+    x = rand((32, 256), 1.0, seed=3)
+    nnz = [int((np.asarray(entmax(s * x, alpha)) > 0).sum()) for s in (0.5, 2.0, 8.0)]
+    assert nnz[0] > nnz[1] > nnz[2] >= 32  # at least the argmax of each row stays
+    assert nnz[2] < 32 * 256 // 4
+
+
+def test_softmax_limit():
+    x = rand((8, 50), 1.0, seed=4)
+    soft = np.asarray(jax.nn.softmax(x, axis=-1))
+    errs = [np.abs(np.asarray(entmax(x, a)) - soft).max() for a in (1.5, 1.1, 1.01, 1.001)]
+    assert errs[-1] < 2e-3
+    assert errs == sorted(errs, reverse=True)
+
+
+@pytest.mark.parametrize("alpha", [1.5, 2.0])
+@pytest.mark.parametrize("scale", [0.05, 1.0, 30.0])
+def test_halley_equals_sort(alpha, scale):
+    x = rand((64, 1000), scale, seed=5)
+    ph = np.asarray(entmax(x, alpha, solver="halley"))
+    ps = np.asarray(entmax(x, alpha, solver="sort"))
+    np.testing.assert_allclose(ph, ps, atol=1e-6)
+    th = np.asarray(entmax_threshold(x, alpha, solver="halley"))
+    ts = np.asarray(entmax_threshold(x, alpha, solver="sort"))
+    np.testing.assert_allclose(th, ts, atol=1e-5 * max(1.0, scale), rtol=1e-5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.sampled_from([1, 2, 9, 40]),  # few shapes: each new one compiles
+    st.floats(0.01, 50.0),
+    st.sampled_from([1.5, 2.0]),
+    st.integers(0, 2**31 - 1),
+)
+def test_property_halley_sort_bisect_agree(n, scale, alpha, seed):
+    x = rand((3, n), scale, seed=seed)
+    ph = np.asarray(entmax(x, alpha, solver="halley"))
+    ps = np.asarray(entmax(x, alpha, solver="sort"))
+    pb = np.asarray(entmax(x, alpha, solver="bisect"))
+    assert (ph >= 0).all() and np.allclose(ph.sum(-1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(ph, ps, atol=2e-6)
+    np.testing.assert_allclose(pb, ps, atol=2e-5)
+    # The argmax is always in the support; entries below max − 1/(α−1) never are.
+    assert (ph[np.arange(3), x.argmax(-1)] > 0).all()
+    assert (ph[x < x.max(-1, keepdims=True) - 1.0 / (alpha - 1.0)] == 0).all()
+
+
+def test_threshold_gives_probabilities():
+    x = rand((8, 40), 3.0, seed=6)
+    for alpha in ALPHAS:
+        tau = np.asarray(entmax_threshold(x, alpha), np.float64)
+        assert tau.shape == (8, 1)
+        p = np.maximum((alpha - 1) * x - tau, 0) ** (1 / (alpha - 1))
+        np.testing.assert_allclose(p, torch_entmax(x, alpha), atol=1e-5)
+
+
+@pytest.mark.parametrize("n_iter", [1, 2, 5])
+def test_fixed_iterations_still_a_distribution(n_iter):
+    x = rand((16, 500), 1.0, seed=7)
+    p = np.asarray(entmax(x, 1.5, n_iter=n_iter))
+    assert (p >= 0).all()
+    np.testing.assert_allclose(p.sum(-1), 1.0, atol=1e-5)
+    err = np.abs(p - torch_entmax(x, 1.5)).max()
+    assert err < (1e-5 if n_iter == 5 else 0.5)
+
+
+def test_bisect_needs_many_more_iterations_than_halley():
+    x = rand((16, 2048), 2.0, seed=8)
+    ref = torch_entmax(x, 1.5)
+    err = lambda solver, k: np.abs(np.asarray(entmax(x, 1.5, n_iter=k, solver=solver)) - ref).max()  # noqa: E731
+    assert err("halley", 4) < 1e-6
+    assert err("bisect", 4) > 1e-3
+
+
+# ------------------------------------------------------------------ array α
+
+
+def test_array_alpha_per_row_matches_float_alpha():
+    x = rand((4, 3, 60), 2.0, seed=9)
+    alphas = np.array([1.2, 1.5, 1.8], np.float32)  # one per middle index
+    p = np.asarray(entmax(x, jnp.asarray(alphas)[None, :], axis=-1))
+    for i, a in enumerate(alphas):
+        np.testing.assert_allclose(p[:, i], torch_entmax(x[:, i], float(a)), atol=2e-6)
+    # broadcasting against a non-last axis: alpha has the shape of x without that axis
+    q = np.asarray(entmax(x, jnp.full((4, 60), 1.5), axis=1))
+    np.testing.assert_allclose(q, np.asarray(entmax(x, 1.5, axis=1)), atol=2e-6)
+
+
+# ------------------------------------------------------------------ masking
+
+
+@pytest.mark.parametrize("alpha", [1.25, 1.5, 2.0])
+@pytest.mark.parametrize("solver", ["auto", "bisect", "sort"])
+def test_minus_inf_is_exact_zero_and_fully_masked_row_is_zero(alpha, solver):
+    if solver == "sort" and alpha == 1.25:
+        pytest.skip("sort is exact for 1.5 and 2 only")
+    x = rand((4, 30), 2.0, seed=10)
+    x[0, :] = -np.inf
+    x[1, 10:] = -np.inf
+    x[2, ::2] = -np.inf
+    p = np.asarray(entmax(x, alpha, solver=solver))
+    assert np.isfinite(p).all()
+    assert (p[0] == 0).all()
+    assert (p[1, 10:] == 0).all() and (p[2, ::2] == 0).all()
+    np.testing.assert_allclose(p[1:].sum(-1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(p[1, :10], torch_entmax(x[1:2, :10], alpha)[0], atol=2e-6)
+
+    def loss(x, a):
+        return jnp.sum(entmax(x, a, solver=solver) * jnp.arange(30.0))
+
+    gx = np.asarray(jax.grad(loss)(jnp.asarray(x), alpha))
+    assert np.isfinite(gx).all()
+    assert (gx[0] == 0).all() and (gx[1, 10:] == 0).all()
+    if solver == "auto":
+        ga = np.asarray(jax.grad(loss, argnums=1)(jnp.asarray(x), jnp.full((4,), alpha)))
+        assert np.isfinite(ga).all() and ga[0] == 0
+
+
+def test_single_finite_entry_is_one_hot():
+    x = np.full((2, 5), -np.inf, np.float32)
+    x[0, 3] = -1e4
+    x[1, 0] = 7.0
+    np.testing.assert_array_equal(np.asarray(entmax(x, 1.5)), np.eye(5, dtype=np.float32)[[3, 0]])
+
+
+# ------------------------------------------------------------------ gradients
+
+
+def _torch_grads(x, alpha, g):
+    xt = torch.tensor(np.asarray(x, np.float64), requires_grad=True)
+    at = torch.tensor(np.asarray(alpha, np.float64), requires_grad=True)
+    p = pypi.entmax_bisect(xt, at, dim=-1, n_iter=200)
+    p.backward(torch.tensor(np.asarray(g, np.float64)))
+    return xt.grad.numpy(), at.grad.numpy()
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+def test_gradients_match_pypi_autograd(alpha):
+    x = rand((6, 40), 2.0, seed=11)
+    g = rand((6, 40), 1.0, seed=12)
+    a = np.full((6, 1), alpha, np.float32)  # PyPI takes α broadcastable against x
+    want_x, want_a = _torch_grads(x, a, g)
+    _, vjp = jax.vjp(lambda x, a: entmax(x, a), jnp.asarray(x), jnp.asarray(a[:, 0]))
+    got_x, got_a = vjp(jnp.asarray(g))
+    np.testing.assert_allclose(np.asarray(got_x), want_x, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(got_a), want_a[:, 0], atol=2e-4, rtol=1e-3)
+    # a Python-float α goes through the static fast paths; same x gradient
+    _, vjp_f = jax.vjp(lambda x: entmax(x, alpha), jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(vjp_f(jnp.asarray(g))[0]), want_x, atol=2e-5)
+
+
+def _smooth_point(alpha, seed):
+    """Scores whose support is stable under a ±1e-2 perturbation (no kink nearby)."""
+    x = rand((3, 12), 2.0, seed=seed)
+    tau = np.asarray(entmax_threshold(x, alpha))
+    gap = np.abs((alpha - 1) * x - tau)
+    x = np.where(gap < 0.05, x + np.sign((alpha - 1) * x - tau) * 0.2, x).astype(np.float32)
+    return x
+
+
+@pytest.mark.parametrize("alpha", [1.5, 2.0, 1.3])
+def test_x_gradient_finite_differences(alpha):
+    x = jnp.asarray(_smooth_point(alpha, 13))
+    w = jnp.asarray(rand((3, 12), 1.0, seed=14))
+    check_grads(lambda x: jnp.sum(w * entmax(x, alpha)), (x,), order=1, modes=["rev"], eps=1e-3, atol=2e-3, rtol=2e-3)
+
+
+def test_alpha_gradient_finite_differences():
+    x = jnp.asarray(rand((3, 12), 2.0, seed=15))
+    w = jnp.asarray(rand((3, 12), 1.0, seed=16))
+    a = jnp.array([1.3, 1.5, 1.7])
+    check_grads(lambda a: jnp.sum(w * entmax(x, a)), (a,), order=1, modes=["rev"], eps=1e-3, atol=5e-3, rtol=5e-3)
+
+
+def test_jacobian_rows_sum_to_zero_and_zero_off_support():
+    x = jnp.asarray(rand((20,), 3.0, seed=17))
+    for alpha in ALPHAS:
+        jac = np.asarray(jax.jacrev(lambda x: entmax(x, alpha))(x))
+        p = np.asarray(entmax(x, alpha))
+        np.testing.assert_allclose(jac.sum(0), 0.0, atol=1e-6)
+        np.testing.assert_allclose(jac, jac.T, atol=1e-6)
+        assert (jac[p == 0] == 0).all()
+
+
+# ------------------------------------------------------------------ dtypes
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+@pytest.mark.parametrize("alpha", [1.5, 2.0, 1.25])
+def test_low_precision(dtype, alpha):
+    x = jnp.asarray(rand((8, 128), 2.0, seed=18), dtype)
+    p = entmax(x, alpha)
+    assert p.dtype == dtype
+    ref = torch_entmax(np.asarray(x.astype(jnp.float32)), alpha)
+    np.testing.assert_allclose(np.asarray(p.astype(jnp.float32)), ref, atol=1e-2 if dtype == jnp.bfloat16 else 2e-3)
+    g = jax.grad(lambda x: jnp.sum(entmax(x, alpha).astype(jnp.float32) * jnp.arange(128.0)))(x)
+    assert g.dtype == dtype and bool(jnp.isfinite(g.astype(jnp.float32)).all())
+
+
+# ------------------------------------------------------------------ transformations
+
+
+def test_jit_vmap_grad_checkpoint_compose():
+    x = jnp.asarray(rand((5, 4, 33), 2.0, seed=19))
+    w = jnp.asarray(rand((33,), 1.0, seed=20))
+    f = lambda x: jnp.sum(entmax(x, 1.5) * w)  # noqa: E731
+    eager = np.asarray(jax.vmap(jax.grad(f))(x[:, 0]))
+    np.testing.assert_allclose(np.asarray(jax.jit(jax.vmap(jax.grad(f)))(x[:, 0])), eager, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(jax.grad(jax.checkpoint(f))(x[0, 0])), eager[0], atol=1e-6)
+    np.testing.assert_allclose(np.asarray(jax.vmap(jax.vmap(lambda r: entmax(r, 2.0)))(x)),
+                               np.asarray(entmax(x, 2.0)), atol=1e-6)
+    # vmap over α too (array α inside a vmapped function)
+    alphas = jnp.array([1.2, 1.5, 1.9, 2.0, 1.01])
+    pv = jax.vmap(lambda r, a: entmax(r, a))(x[:, 0], alphas)
+    for i in range(5):
+        np.testing.assert_allclose(np.asarray(pv[i]), torch_entmax(np.asarray(x[i, 0]), float(alphas[i])), atol=3e-6)
+
+
+def test_no_retrace_for_same_shapes():
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def f(x, a):
+        return entmax(x, a), entmax15(x), sparsemax(x)
+
+    for seed in range(3):
+        f(jnp.asarray(rand((4, 16), 1.0, seed=seed)), jnp.full((4,), 1.5))
+    chex.clear_trace_counter()
+
+
+# ------------------------------------------------------------------ errors
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5, -2.0, 2.5, True])
+def test_bad_alpha(alpha):
+    with pytest.raises(ValueError, match="alpha"):
+        entmax(jnp.ones(3), alpha)
+
+
+def test_bad_arguments():
+    x = jnp.ones((2, 3))
+    with pytest.raises(ValueError, match="`x`"):
+        entmax(jnp.ones((2, 3), jnp.int32))
+    with pytest.raises(ValueError, match="`x`"):
+        entmax(jnp.float32(1.0))
+    with pytest.raises(ValueError, match="`axis`"):
+        entmax(x, axis=2)
+    with pytest.raises(ValueError, match="`n_iter`"):
+        entmax(x, n_iter=0)
+    with pytest.raises(ValueError, match="`solver`"):
+        entmax(x, solver="newton")
+    with pytest.raises(ValueError, match="solver='sort'"):
+        entmax(x, 1.3, solver="sort")
+    with pytest.raises(ValueError, match="`alpha`"):
+        entmax(x, jnp.ones(4) * 1.5)
+    with pytest.raises(ValueError, match="`alpha`"):
+        entmax(x, jnp.ones(3, jnp.int32))
