@@ -122,13 +122,12 @@ def validate(cfg: TrainConfig, *, presets: typing.Iterable[str], num_devices: in
         raise ConfigError("tokenizer", f"unknown tokenizer {cfg.tokenizer!r}; choose from {TOKENIZERS}")
     if not cfg.lr > 0:
         raise ConfigError("lr", f"learning rate must be > 0, got {cfg.lr}")
-    if cfg.attention != "softmax":
-        if not cfg.alpha > 1:
-            raise ConfigError("alpha", f"α-entmax needs α > 1 (α → 1 is softmax), got {cfg.alpha}")
-        if cfg.alpha > 2:
-            raise ConfigError("alpha", f"supported α range is 1 < α ≤ 2, got {cfg.alpha}")
-        if cfg.alpha_start is not None and not 1 < cfg.alpha_start <= 2:
-            raise ConfigError("alpha_start", f"must lie in (1, 2], got {cfg.alpha_start}")
+    if not cfg.alpha > 1:
+        raise ConfigError("alpha", f"α-entmax needs α > 1 (α → 1 is softmax), got {cfg.alpha}")
+    if cfg.alpha > 2:
+        raise ConfigError("alpha", f"supported α range is 1 < α ≤ 2, got {cfg.alpha}")
+    if cfg.alpha_start is not None and not 1 < cfg.alpha_start <= 2:
+        raise ConfigError("alpha_start", f"must lie in (1, 2], got {cfg.alpha_start}")
     if cfg.alpha_anneal_steps is not None and cfg.alpha_anneal_steps < 1:
         raise ConfigError("alpha_anneal_steps", f"must be ≥ 1, got {cfg.alpha_anneal_steps}")
     for name in ("steps", "batch_size", "grad_accum", "seq_len", "log_every", "eval_every", "eval_batches",

@@ -132,7 +132,7 @@ def build_steps(graphdef, task: Task, cfg: TrainConfig):
         zeros = jax.tree.map(jnp.zeros_like, params)
         (grads, rest), (sums, corrects) = jax.lax.scan(micro, (zeros, rest), batch)
         nnx.update(model, rest)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         optimizer.update(model, grads)
         metrics = {"loss": sums.sum() / total, "grad_norm": grad_norm, "accuracy": corrects.sum() / total}
         return nnx.state((model, optimizer)), metrics
@@ -351,6 +351,8 @@ def run(cfg: TrainConfig, task: Task, *, sparsity_fn: Callable | None = None, on
                     t_mark = time.time()
                 else:
                     tokens_since += cfg.batch_size * task.tokens_per_example
+                if on_step is not None:
+                    on_step(step)
                 last = step == cfg.steps
                 stopping = stop.signum is not None or (cfg.stop_after is not None and step >= cfg.stop_after)
                 if step % cfg.log_every == 0 or last or stopping:
@@ -381,8 +383,6 @@ def run(cfg: TrainConfig, task: Task, *, sparsity_fn: Callable | None = None, on
                     progress.update(step)
                 if step % cfg.save_every == 0 or last or stopping:
                     ckpt.save(step, state, cfg)
-                if on_step is not None:
-                    on_step(step)
                 if stopping and not last:
                     interrupted = True
                     why = (signal.Signals(stop.signum).name if stop.signum is not None
