@@ -197,8 +197,8 @@ def main(argv, *, prog: str, description: str, defaults: TrainConfig) -> int:
     except ConfigError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
-    if result.interrupted and cfg.stop_after is None:
-        return 130
+    if result.interrupted and result.signal is not None:
+        return 128 + result.signal  # 130 after Ctrl-C, 143 after SIGTERM
     return 0
 
 

@@ -56,6 +56,7 @@ class RunResult:
     records: list[dict]
     out: Path
     train_step: Callable | None = None  # the jitted step, for inspection (compile count)
+    signal: int | None = None  # the signal that stopped the run, if any
 
 
 # ------------------------------------------------------------------------------------------------- optimiser
@@ -399,4 +400,4 @@ def run(cfg: TrainConfig, task: Task, *, sparsity_fn: Callable | None = None, on
             progress.close()
     if not interrupted:
         say(f"done: {step} steps in {time.time() - t_start:.1f}s; metrics in {metrics_path}")
-    return RunResult(step, interrupted, records, out, jit_train)
+    return RunResult(step, interrupted, records, out, jit_train, stop.signum)

@@ -1,0 +1,83 @@
+"""The training CLIs as a user runs them (subprocesses), at toy size."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ["--seq-len", "32", "--batch-size", "8", "--warmup-steps", "2", "--eval-batches", "1"]
+
+
+def cli(module, *args, timeout=300):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", COLUMNS="120")
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=timeout, env=env)
+
+
+def records(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_gpt2_cli_trains_then_resumes(tmp_path):
+    out = tmp_path / "gpt2"
+    args = ["--steps", "16", "--lr", "3e-3", "--log-every", "4", "--eval-every", "16", "--sparsity-every", "8",
+            "--out", str(out), *SMALL]
+    p = cli("train.gpt2", *args)  # progress bar on (the default)
+    assert p.returncode == 0, p.stderr[-3000:]
+    recs = records(out)
+    assert [r["step"] for r in recs] == [4, 8, 12, 16]
+    assert recs[-1]["loss_avg"] < recs[0]["loss_avg"] - 0.5
+    assert "val_loss" in recs[-1] and "sparsity" in recs[1]
+    assert (out / "config.json").exists() and (out / "checkpoints" / "16").exists()
+    # the same command again: finds the finished run and says so
+    p = cli("train.gpt2", *args)
+    assert p.returncode == 0
+    assert "resuming from the checkpoint at step 16" in p.stdout + p.stderr
+    # the plot CLI
+    p = cli("train.plot", str(out))
+    assert p.returncode == 0 and (out / "loss.png").exists() and (out / "sparsity.png").exists()
+
+
+def test_gpt2_cli_sigterm_saves_a_checkpoint(tmp_path):
+    out = tmp_path / "term"
+    args = ["--steps", "400", "--log-every", "1", "--save-every", "1000", "--no-progress", "--out", str(out),
+            *SMALL]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    proc = subprocess.Popen([sys.executable, "-m", "train.gpt2", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline:  # wait until training is under way
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    text, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, text[-2000:]
+    assert "SIGTERM" in text
+    saved = [int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(saved) == 1 and saved[0] >= 3
+    assert records(out)[-1]["step"] == saved[0]  # the interrupted step is logged
+
+
+@pytest.mark.parametrize("task", ["mlm", "classify"])
+def test_bert_cli(tmp_path, task):
+    out = tmp_path / task
+    extra = ["--num-labels", "4"] if task == "classify" else []
+    p = cli("train.bert", "--task", task, "--steps", "12", "--lr", "3e-3", "--log-every", "6", "--eval-every", "12",
+            "--no-progress", "--out", str(out), *SMALL, *extra)
+    assert p.returncode == 0, p.stderr[-3000:]
+    recs = records(out)
+    assert [r["step"] for r in recs] == [6, 12]
+    if task == "mlm":
+        assert recs[-1]["loss_avg"] < recs[0]["loss_avg"] and "val_ppl" in recs[-1]
+    else:
+        assert "val_accuracy" in recs[-1] and "accuracy" in recs[-1]
+        assert "classification over" in p.stdout
+    assert len(recs[-1]["sparsity"]) == 2  # tiny preset: 2 layers
