@@ -229,17 +229,27 @@ def _jsonable(x):
     return x
 
 
-def run(cfg: TrainConfig, task: Task, *, sparsity_fn: Callable | None = None, on_step: Callable | None = None,
-        log: Callable[[str], None] | None = None) -> RunResult:
-    """Train (or resume) according to `cfg`. `sparsity_fn(model, **inputs, alpha=)` → [layers, heads] fractions of
-    exact zeros (None: not logged). `on_step(step)` is called after every step (tests use it)."""
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    progress = Progress(cfg.steps, 0, cfg.progress)
-    say = log or progress.print
-    mesh = make_mesh(cfg.mesh)
+@dataclass
+class Setup:
+    """Everything a run needs, built and placed but not yet compiled (jax.jit is lazy)."""
 
-    # ---- model, optimiser, sharded state
+    mesh: Mesh
+    graphdef: object
+    state: object
+    shardings: object
+    schedule: Callable
+    n_params: int
+    train_step: Callable  # jitted (state, batch, alpha) → (state, metrics)
+    eval_step: Callable  # jitted (state, batch, alpha) → (loss sum, weight, correct)
+    sparsity_step: Callable | None  # jitted (state, inputs, alpha) → [layers, heads]
+    train_batch: Callable  # step → device batch [grad_accum, micro_batch, ...]
+    device_batch: Callable  # (numpy batch, sharding) → device batch
+    eval_batch_sharding: NamedSharding
+    alpha_arg: Callable  # step → traced α (float32 scalar) or None (the model's own α)
+
+
+def setup(cfg: TrainConfig, task: Task, sparsity_fn: Callable | None = None) -> Setup:
+    mesh = make_mesh(cfg.mesh)
     rngs = nnx.Rngs(params=cfg.seed, dropout=cfg.seed + 1)
     model = task.build_model(cfg, rngs)
     if task.prepare is not None:
@@ -278,6 +288,27 @@ def run(cfg: TrainConfig, task: Task, *, sparsity_fn: Callable | None = None, on
         b = task.batches.train_batch(step, cfg.batch_size)
         return device_batch({k: v.reshape(cfg.grad_accum, cfg.micro_batch_size, *v.shape[1:]) for k, v in b.items()},
                             train_batch_sh)
+
+
+    return Setup(mesh, graphdef, state, shardings, schedule, n_params, jit_train, jit_eval, jit_sparsity,
+                 train_batch, device_batch, eval_batch_sh, alpha_arg)
+
+
+def run(cfg: TrainConfig, task: Task, *, sparsity_fn: Callable | None = None, on_step: Callable | None = None,
+        log: Callable[[str], None] | None = None) -> RunResult:
+    """Train (or resume) according to `cfg`. `sparsity_fn(model, **inputs, alpha=)` → [layers, heads] fractions of
+    exact zeros (None: not logged). `on_step(step)` is called after every step (tests use it)."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    progress = Progress(cfg.steps, 0, cfg.progress)
+    say = log or progress.print
+
+    S = setup(cfg, task, sparsity_fn)
+    mesh, graphdef, state, shardings, schedule = S.mesh, S.graphdef, S.state, S.shardings, S.schedule
+    n_params, jit_train, jit_eval, jit_sparsity = S.n_params, S.train_step, S.eval_step, S.sparsity_step
+    train_batch, device_batch, alpha_arg = S.train_batch, S.device_batch, S.alpha_arg
+    eval_batch_sh = S.eval_batch_sharding
+    del S
 
     val_batches = [device_batch(task.batches.val_batch(i, cfg.micro_batch_size, cfg.eval_batches), eval_batch_sh)
                    for i in range(cfg.eval_batches)]
