@@ -62,15 +62,20 @@ def softmax_attention(
     )
 
 
+# One object per kind: models built from equal configs then have equal graphdefs, so
+# jit caches (nnx.jit, generation steps) are shared between them.
+_ATTENTION_FNS = {
+    "softmax": softmax_attention,
+    "entmax": functools.partial(entmax_attention, implementation="xla"),
+    "adasplash": functools.partial(entmax_attention, implementation="pallas"),
+}
+
+
 def make_attention_fn(kind: str):
     """The attention function for ``config.attention``: "softmax", "entmax" or "adasplash"."""
-    if kind == "softmax":
-        return softmax_attention
-    if kind == "entmax":
-        return functools.partial(entmax_attention, implementation="xla")
-    if kind == "adasplash":
-        return functools.partial(entmax_attention, implementation="pallas")
-    raise ValueError(f"`attention` must be one of {ATTENTION_KINDS}, got {kind!r}")
+    if kind not in _ATTENTION_FNS:
+        raise ValueError(f"`attention` must be one of {ATTENTION_KINDS}, got {kind!r}")
+    return _ATTENTION_FNS[kind]
 
 
 # --------------------------------------------------------------------------- α

@@ -239,30 +239,32 @@ class GPT2LMHeadModel(nnx.Module):
             return input_ids
         rng = jax.random.key(0) if rng is None else rng
         temp = jnp.float32(temperature if not greedy else 1.0)
+        k = jnp.int32(c.vocab_size if top_k is None else top_k)
         p = jnp.float32(1.0 if top_p is None else top_p)
         graphdef, state = nnx.split(self)
-        static = dict(graphdef=graphdef, greedy=greedy, top_k=top_k)
+        static = dict(graphdef=graphdef, greedy=greedy)
         cache = self.init_cache(B, T + max_new_tokens)
         rng, key = jax.random.split(rng)
-        tok, cache = _prefill(state, input_ids, cache, alpha, key, temp, p, **static)
+        tok, cache = _prefill(state, input_ids, cache, alpha, key, temp, k, p, **static)
         out = [tok]
         for i in range(max_new_tokens - 1):
             rng, key = jax.random.split(rng)
-            tok, cache = _decode_step(state, tok, cache, jnp.int32(T + i), alpha, key, temp, p, **static)
+            tok, cache = _decode_step(state, tok, cache, jnp.int32(T + i), alpha, key, temp, k, p, **static)
             out.append(tok)
         return jnp.concatenate([input_ids, jnp.stack(out, axis=1).astype(input_ids.dtype)], axis=1)
 
 
-def sample_logits(logits, key, temperature, top_p, *, greedy: bool, top_k: int | None):
-    """logits [B, V] → token ids [B]."""
+def sample_logits(logits, key, temperature, top_k, top_p, *, greedy: bool):
+    """logits [B, V] → token ids [B]; temperature, top_k and top_p may be traced."""
     if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits.astype(jnp.float32) / temperature
-    if top_k is not None:
-        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    # nucleus: keep the most likely tokens until their mass reaches top_p (always keep the first)
+    # top-k: keep logits at least the k-th largest (k = vocab keeps all); k is traced
     sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+    kth = jax.lax.dynamic_slice_in_dim(sorted_logits, top_k - 1, 1, axis=-1)
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+    # nucleus: keep the most likely tokens until their mass reaches top_p (always keep the first)
+    sorted_logits = jnp.where(sorted_logits < kth, -jnp.inf, sorted_logits)
     probs = jax.nn.softmax(sorted_logits, axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
     kept = jnp.where(mass_before < top_p, sorted_logits, jnp.inf)
@@ -271,20 +273,20 @@ def sample_logits(logits, key, temperature, top_p, *, greedy: bool, top_k: int |
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "greedy", "top_k"))
-def _prefill(state, input_ids, cache, alpha, key, temperature, top_p, *, graphdef, greedy, top_k):
+@functools.partial(jax.jit, static_argnames=("graphdef", "greedy"))
+def _prefill(state, input_ids, cache, alpha, key, temperature, top_k, top_p, *, graphdef, greedy):
     TRACE_COUNTS["prefill"] += 1
     model = nnx.merge(graphdef, state)
     logits, cache, _ = model.forward(input_ids, alpha=alpha, cache=cache, cache_index=0)
-    return sample_logits(logits[:, -1], key, temperature, top_p, greedy=greedy, top_k=top_k), cache
+    return sample_logits(logits[:, -1], key, temperature, top_k, top_p, greedy=greedy), cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "greedy", "top_k"), donate_argnames=("cache",))
-def _decode_step(state, token, cache, index, alpha, key, temperature, top_p, *, graphdef, greedy, top_k):
+@functools.partial(jax.jit, static_argnames=("graphdef", "greedy"), donate_argnames=("cache",))
+def _decode_step(state, token, cache, index, alpha, key, temperature, top_k, top_p, *, graphdef, greedy):
     TRACE_COUNTS["decode"] += 1
     model = nnx.merge(graphdef, state)
     logits, cache, _ = model.forward(token[:, None], alpha=alpha, cache=cache, cache_index=index)
-    return sample_logits(logits[:, -1], key, temperature, top_p, greedy=greedy, top_k=top_k), cache
+    return sample_logits(logits[:, -1], key, temperature, top_k, top_p, greedy=greedy), cache
 
 
 # --------------------------------------------------------------------------- Hugging Face layout

@@ -115,8 +115,10 @@ def test_gpt2_right_padding_does_not_change_valid_logits(attention):
     np.testing.assert_allclose(model(padded, mask)[:, :6], model(x), atol=1e-5)
 
 
-@pytest.mark.parametrize("attention", KINDS)
-@pytest.mark.parametrize("cls", [BertModel, BertForMaskedLM, BertForSequenceClassification])
+@pytest.mark.parametrize(
+    "cls, attention",
+    [(BertModel, "softmax"), (BertModel, "entmax"), (BertForMaskedLM, "entmax"), (BertForSequenceClassification, "entmax")],
+)
 def test_bert_padding_invariance(cls, attention):
     model = bert(cls, attention)
     short = ids((1, 5), seed=5)
@@ -130,10 +132,8 @@ def test_bert_padding_invariance(cls, attention):
     np.testing.assert_allclose(out_padded, out_short, atol=1e-5)
     # the same sequence in a batch next to a longer one gives the same result too
     batch = jnp.concatenate([padded, ids((1, 8), seed=7)], axis=0)
-    out_batch = model(batch, jnp.concatenate([mask, jnp.ones((1, 8), jnp.int32)]))
-    np.testing.assert_allclose(out_batch[:1] if cls is BertForSequenceClassification else out_batch[:1, :5],
-                               model(padded, mask)[:, :5] if cls is not BertForSequenceClassification
-                               else model(padded, mask), atol=1e-5)
+    out_batch = model(batch, jnp.concatenate([mask, jnp.ones((1, 8), jnp.int32)]), tt_padded.repeat(2, 0))
+    np.testing.assert_allclose(out_batch[:1, :5] if out_batch.ndim == 3 else out_batch[:1], out_short, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- α
@@ -298,9 +298,9 @@ def _argmax_loop(model, prompt, n):
 def test_greedy_cached_generation_equals_uncached_argmax_loop(attention):
     model = gpt2(attention)
     prompt = ids((2, 5), seed=10)
-    out = model.generate(prompt, 6)
-    assert out.shape == (2, 11)
-    np.testing.assert_array_equal(out, _argmax_loop(model, prompt, 6))
+    out = model.generate(prompt, 4)
+    assert out.shape == (2, 9)
+    np.testing.assert_array_equal(out, _argmax_loop(model, prompt, 4))
 
 
 def test_decode_step_is_compiled_once_and_reused():
@@ -321,13 +321,14 @@ def test_sampling_options():
     key = jax.random.key(3)
     np.testing.assert_array_equal(model.generate(prompt, 5, temperature=1.0, top_k=1, rng=key), greedy)
     np.testing.assert_array_equal(model.generate(prompt, 5, temperature=1.0, top_p=1e-6, rng=key), greedy)
-    a = model.generate(prompt, 8, temperature=5.0, rng=key)
-    np.testing.assert_array_equal(model.generate(prompt, 8, temperature=5.0, rng=key), a)
-    assert not np.array_equal(model.generate(prompt, 8, temperature=5.0, rng=jax.random.key(4)), a)
-    # top_k restricts the sampled token to the k most likely under the same prefix
-    out = model.generate(prompt, 1, temperature=5.0, top_k=3, rng=key)
+    a = model.generate(prompt, 5, temperature=5.0, rng=key)
+    np.testing.assert_array_equal(model.generate(prompt, 5, temperature=5.0, rng=key), a)
+    assert not np.array_equal(model.generate(prompt, 5, temperature=5.0, rng=jax.random.key(4)), a)
+    # top_k restricts the first sampled token to the k most likely after the prompt
     top3 = np.argsort(np.asarray(model(prompt)[0, -1]))[-3:]
-    assert int(out[0, -1]) in top3
+    for seed in range(3):
+        out = model.generate(prompt, 5, temperature=5.0, top_k=3, rng=jax.random.key(seed))
+        assert int(out[0, 4]) in top3
     with pytest.raises(ValueError, match="rng"):
         model.generate(prompt, 2, temperature=1.0)
 
