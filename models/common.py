@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import jax
@@ -55,6 +54,3 @@ def preset(cls, presets: dict[str, dict[str, Any]], name: str, **overrides):
         raise ValueError(f"unknown {cls.__name__} preset {name!r}; choose from {sorted(presets)}")
     return cls(**{**presets[name], **overrides})
 
-
-def config_fields(cfg) -> dict[str, Any]:
-    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}

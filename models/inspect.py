@@ -5,7 +5,6 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from models.attention import attention_layers  # noqa: F401
 
 
 def attention_maps(model, input_ids, attention_mask=None, **call_kwargs):
