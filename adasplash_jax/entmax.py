@@ -128,11 +128,10 @@ def _threshold_iterative(x, alpha, alpha_static, n_iter, use_halley):
     x: [..., n] float32 with row max 0 (entries may be −inf). alpha: [..., 1].
 
     ``use_halley=False`` is plain bisection. Otherwise each iteration evaluates the power
-    sums at τ once, shrinks the bracket, and proposes the step that is exact on the
-    current piece of f when one exists: for α = 2 the Newton step (f is piecewise
-    linear), for α = 1.5 the root of the piecewise quadratic Σ_S (z − δ)² = 1 over the
-    current support S, and for other α Halley's step. A proposal outside the bracket is
-    replaced by the midpoint, so the iteration never leaves the bracket.
+    sums at τ once (one read of x), shrinks the bracket, and proposes Halley's step
+    (for α = 2, where f'' = 0 on every piece, the Newton step, exact on the current
+    piece). A proposal outside the bracket is replaced by the midpoint, so the iteration
+    never leaves the bracket.
 
     If n_iter is None, a row stops once |Σp − 1| < _TOL or the step is below float32
     resolution of τ; the loop ends when every row has stopped (or at the cap).
@@ -153,14 +152,10 @@ def _threshold_iterative(x, alpha, alpha_static, n_iter, use_halley):
         if alpha_static == 2.0:
             # f = Σz − 1, f' = −count: the Newton step is exact on the current piece.
             cand = tau + f / jnp.maximum(s1, 1.0)
-        elif alpha_static == 1.5:
-            # Root δ of Σ_S (z − δ)² − 1 = s0 − 2δ·s1 + δ²·k − 1 nearest 0, in the
-            # cancellation-free form δ = (s0 − 1) / (s1 + √(s1² − k(s0 − 1))).
-            disc = s1 * s1 - s2 * f
-            den = s1 + jnp.sqrt(jnp.maximum(disc, 0.0))
-            ok = (disc >= 0) & (den > 0)
-            cand = tau + jnp.where(ok, f / jnp.where(ok, den, 1.0), jnp.inf)
         else:
+            # Halley. (For α = 1.5 the root of the current piece's quadratic is exact once
+            # the support is right, but from a wrong support it overshoots further; over
+            # attention-like rows Halley needed fewer iterations in the worst case.)
             c1 = c0 - 1.0
             df = -c0 * s1
             d2f = c0 * c1 * s2
@@ -325,6 +320,9 @@ def _entmax_last_bwd(alpha_static, solver, n_iter, res, g):
 
 _entmax_last.defvjp(_entmax_last_fwd, _entmax_last_bwd)
 
+# One compiled program per (shape, α, solver) in eager use; a plain nested call under jit.
+_entmax_last_jit = jax.jit(_entmax_last, static_argnums=(2, 3, 4))
+
 
 # ------------------------------------------------------------------------- public API
 
@@ -386,7 +384,7 @@ def entmax(x, alpha=1.5, axis: int = -1, *, n_iter: int | None = None, solver: S
     """
     x, xm, axis, alpha_rows, alpha_static, solver = _validate(x, axis, n_iter, alpha, solver)
     # float32 inside: the custom_vjp sees float32 and autodiff casts the cotangent back.
-    p = _entmax_last(xm.astype(jnp.float32), alpha_rows, alpha_static, solver, n_iter)
+    p = _entmax_last_jit(xm.astype(jnp.float32), alpha_rows, alpha_static, solver, n_iter)
     return jnp.moveaxis(p.astype(x.dtype), -1, axis)
 
 
@@ -407,8 +405,12 @@ def entmax_threshold(x, alpha=1.5, axis: int = -1, *, n_iter: int | None = None,
     ``+inf`` for rows with no finite entry. Useful for inspection and as a kernel oracle.
     """
     x, xm, axis, alpha_rows, alpha_static, solver = _validate(x, axis, n_iter, alpha, solver)
-    xm = xm.astype(jnp.float32)
+    tau = _threshold_jit(xm.astype(jnp.float32), alpha_rows, alpha_static, solver, n_iter)
+    return jax.lax.stop_gradient(jnp.moveaxis(tau, -1, axis))
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _threshold_jit(xm, alpha_rows, alpha_static, solver, n_iter):
     scaled, _, has_any, row_max = _prepare(xm, alpha_rows)
     tau = _solve(scaled, alpha_rows, alpha_static, solver, n_iter)
-    tau = jnp.where(has_any, tau + (alpha_rows - 1.0) * row_max, jnp.inf)
-    return jax.lax.stop_gradient(jnp.moveaxis(tau, -1, axis))
+    return jnp.where(has_any, tau + (alpha_rows - 1.0) * row_max, jnp.inf)
