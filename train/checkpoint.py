@@ -22,7 +22,8 @@ from train.config import ConfigError, TrainConfig
 
 # configuration fields that may change between a run and its resumption
 RESUMABLE_FIELDS = {"steps", "out", "log_every", "eval_every", "eval_batches", "sparsity_every", "save_every",
-                    "keep", "stop_after", "progress", "cache_dir", "data"}
+                    "keep", "stop_after", "progress", "cache_dir", "mesh", "coordinator", "num_processes",
+                    "process_id"}
 
 
 def _name(path) -> str:
@@ -119,7 +120,7 @@ class Checkpointer:
             leaves = [jax.random.wrap_key_data(restored[name], impl=jax.random.key_impl(leaf)) if _is_key(leaf)
                       else restored[name] for name, leaf in zip(flat_t, leaves_t)]
             state = jax.tree_util.tree_unflatten(treedef, leaves)
-            return step, jax.device_put(state, shardings)
+            return step, state
         return None
 
     def _discard(self, step: int, error: Exception) -> None:

@@ -67,7 +67,10 @@ class TrainConfig:
     stop_after: int | None = None  # stop (saving a checkpoint) after this step, as if interrupted; for tests
     progress: bool = True  # rich progress bar
     # scale-out
-    mesh: str | None = None  # e.g. "data=4,fsdp=2"; default: one device
+    mesh: str | None = None  # e.g. "data=4,fsdp=2" over all processes' devices; default: one device
+    coordinator: str | None = None  # multi-host: "host:port" of process 0; calls jax.distributed.initialize
+    num_processes: int | None = None  # multi-host: number of processes (with `coordinator`)
+    process_id: int | None = None  # multi-host: this process's index (with `coordinator`)
 
     @property
     def micro_batch_size(self) -> int:
@@ -166,6 +169,23 @@ def validate(cfg: TrainConfig, *, presets: typing.Iterable[str], num_devices: in
         raise ConfigError("stop_after", f"must be ≥ 1, got {cfg.stop_after}")
 
 
+def init_distributed(cfg: TrainConfig) -> None:
+    """Multi-host: join the cluster before any other JAX call. With `coordinator` set, the three values are
+    passed to jax.distributed.initialize; environments it can auto-detect (SLURM, Open MPI, Cloud TPU) only need
+    JAX_DISTRIBUTED=1 in the environment."""
+    import jax
+
+    if cfg.coordinator is not None:
+        if cfg.num_processes is None or cfg.process_id is None:
+            raise ConfigError("coordinator", "multi-host runs need --num-processes and --process-id too")
+        if not 0 <= cfg.process_id < cfg.num_processes:
+            raise ConfigError("process_id", f"must lie in [0, {cfg.num_processes}), got {cfg.process_id}")
+        jax.distributed.initialize(coordinator_address=cfg.coordinator, num_processes=cfg.num_processes,
+                                   process_id=cfg.process_id)
+    elif os.environ.get("JAX_DISTRIBUTED", "") not in ("", "0"):
+        jax.distributed.initialize()
+
+
 def validate_positions(cfg: TrainConfig, max_positions: int) -> None:
     if cfg.seq_len > max_positions:
         raise ConfigError("seq_len", f"sequence length {cfg.seq_len} exceeds the model's {max_positions} positions")
@@ -241,4 +261,5 @@ __all__ = [
     "validate",
     "validate_positions",
     "to_dict",
+    "init_distributed",
 ]

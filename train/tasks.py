@@ -13,7 +13,7 @@ import sys
 import jax.numpy as jnp
 import optax
 
-from train.config import ConfigError, TrainConfig, validate, validate_positions
+from train.config import ConfigError, TrainConfig, init_distributed, validate, validate_positions
 from train.data import BERT_SPECIALS, ClassifyBatches, LMBatches, MLMBatches, load_corpus
 from train.trainer import Task
 
@@ -188,6 +188,7 @@ def main(argv, *, prog: str, description: str, defaults: TrainConfig) -> int:
 
     cfg = parse_args(argv, prog=prog, description=description, defaults=defaults)
     try:
+        init_distributed(cfg)
         task = make_task(cfg)
     except ConfigError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)

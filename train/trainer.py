@@ -97,6 +97,23 @@ def fsdp_spec(shape: tuple[int, ...], fsdp: int) -> P:
     return P(*[("fsdp" if i == axis else None) for i in range(len(shape))])
 
 
+def place(tree, shardings):
+    """device_put that also works with several processes: each process holds the same host values (same seed)
+    and contributes the shards that live on its devices. PRNG keys travel as their key data."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+
+    def one(x, sharding):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            data = np.asarray(jax.random.key_data(x))
+            arr = jax.make_array_from_callback(data.shape, sharding, lambda idx: data[idx])
+            return jax.random.wrap_key_data(arr, impl=jax.random.key_impl(x))
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+    return jax.tree.map(one, tree, shardings)
+
+
 def state_shardings(state, mesh: Mesh):
     fsdp = mesh.shape["fsdp"]
 
@@ -258,7 +275,7 @@ def setup(cfg: TrainConfig, task: Task, sparsity_fn: Callable | None = None) -> 
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     graphdef, state = nnx.split((model, optimizer))
     shardings = state_shardings(state, mesh)
-    state = jax.device_put(state, shardings)
+    state = place(state, shardings)
     del model, optimizer
     n_params = sum(x.size for x in jax.tree.leaves(nnx.state(nnx.merge(graphdef, state)[0], nnx.Param)))
 
@@ -282,7 +299,13 @@ def setup(cfg: TrainConfig, task: Task, sparsity_fn: Callable | None = None) -> 
         return np.float32(cfg.alpha_at(step)) if anneal else None
 
     def device_batch(b, sharding):
-        return jax.device_put({k: np.asarray(v) for k, v in b.items()}, sharding)
+        # every process builds the same global batch (a function of seed and step) and hands over the shards
+        # that live on its own devices: the same code runs on one host or many
+        def place(x):
+            x = np.asarray(x)
+            return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+        return {k: place(v) for k, v in b.items()}
 
     def train_batch(step):
         b = task.batches.train_batch(step, cfg.batch_size)
@@ -300,8 +323,9 @@ def run(cfg: TrainConfig, task: Task, *, sparsity_fn: Callable | None = None, on
     exact zeros (None: not logged). `on_step(step)` is called after every step (tests use it)."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    progress = Progress(cfg.steps, 0, cfg.progress)
-    say = log or progress.print
+    lead = jax.process_index() == 0  # with several processes only the first one writes metrics and prints
+    progress = Progress(cfg.steps, 0, cfg.progress and lead)
+    say = (log or progress.print) if lead else (lambda *_: None)
 
     S = setup(cfg, task, sparsity_fn)
     mesh, graphdef, state, shardings, schedule = S.mesh, S.graphdef, S.state, S.shardings, S.schedule
@@ -348,14 +372,17 @@ def run(cfg: TrainConfig, task: Task, *, sparsity_fn: Callable | None = None, on
                     continue
                 if r.get("step", 0) <= start:
                     records.append(r)
-    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    if lead:
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     if start == 0:
         say(f"{task.describe}; {n_params:,} parameters; mesh {dict(mesh.shape)}; "
             f"{cfg.steps} steps × {cfg.batch_size} × {task.tokens_per_example} tokens")
 
     def write(record):
         records.append(record)
+        if not lead:
+            return
         with metrics_path.open("a") as f:
             f.write(json.dumps(_jsonable(record)) + "\n")
 
