@@ -144,34 +144,45 @@ def _threshold_iterative(x, alpha, alpha_static, n_iter, use_halley):
     def propose(tau, lo, hi):
         s0, s1, s2 = _power_sums(alpha_static, alpha, x, tau)
         f = s0 - 1.0
-        lo = jnp.where(f > 0, tau, lo)
-        hi = jnp.where(f < 0, tau, hi)
-        mid = 0.5 * (lo + hi)
         if not use_halley:
-            return mid, lo, hi, f
+            lo = jnp.where(f > 0, tau, lo)
+            hi = jnp.where(f < 0, tau, hi)
+            return 0.5 * (lo + hi), lo, hi, f, tau
+        # f is convex and decreasing (α ≤ 2), so the Newton point is a lower bound of the
+        # root from either side; for α = 1.5, from the left, the root of the current
+        # piece's quadratic Σ_S (z − δ)² = 1 is an upper bound (Σ_S (z − δ)² ≥ f + 1).
+        df = -c0 * s1
+        newton = tau - f / jnp.where(df < 0, df, -1.0)
+        newton = jnp.where(df < 0, newton, tau)
+        lo = jnp.maximum(jnp.where(f > 0, tau, lo), jnp.minimum(newton, hi))
+        hi = jnp.where(f < 0, tau, hi)
+        if alpha_static == 1.5:
+            disc = s1 * s1 - s2 * f
+            den = s1 + jnp.sqrt(jnp.maximum(disc, 0.0))
+            quad = tau + f / jnp.where(den > 0, den, 1.0)
+            hi = jnp.where((f > 0) & (disc >= 0) & (den > 0), jnp.clip(quad, lo, hi), hi)
+        mid = 0.5 * (lo + hi)
         if alpha_static == 2.0:
-            # f = Σz − 1, f' = −count: the Newton step is exact on the current piece.
-            cand = tau + f / jnp.maximum(s1, 1.0)
+            # f'' = 0 on every piece: the Newton step, exact on the current piece.
+            cand = newton
         else:
-            # Halley. (For α = 1.5 the root of the current piece's quadratic is exact once
-            # the support is right, but from a wrong support it overshoots further; over
-            # attention-like rows Halley needed fewer iterations in the worst case.)
-            c1 = c0 - 1.0
-            df = -c0 * s1
-            d2f = c0 * c1 * s2
+            d2f = c0 * (c0 - 1.0) * s2
             denom = 2.0 * df * df - f * d2f
             ok = denom > 0
-            cand = tau - 2.0 * f * df / jnp.where(ok, denom, 1.0)
-            cand = jnp.where(ok, cand, jnp.inf)
+            cand = jnp.where(ok, tau - 2.0 * f * df / jnp.where(ok, denom, 1.0), jnp.inf)
+            # A huge f'' (an entry just above τ when α > 1.5) shrinks Halley's step to
+            # nothing; bisect instead of crawling.
+            crawl = jnp.abs(cand - tau) < 1e-3 * jnp.abs(newton - tau)
+            cand = jnp.where(crawl, jnp.inf, cand)
         slack = 1e-6 * (hi - lo)
         inside = (cand >= lo - slack) & (cand <= hi + slack)
         new_tau = jnp.where(inside, jnp.clip(cand, lo, hi), mid)
-        return new_tau, lo, hi, f
+        return new_tau, lo, hi, f, newton
 
     if n_iter is not None:
         def fixed(_, state):
             tau, lo, hi = state
-            new_tau, lo, hi, f = propose(tau, lo, hi)
+            new_tau, lo, hi, f, _ = propose(tau, lo, hi)
             return jnp.where(f == 0, tau, new_tau), lo, hi
 
         tau, _, _ = jax.lax.fori_loop(0, int(n_iter), fixed, (tau, lo, hi))
@@ -186,9 +197,11 @@ def _threshold_iterative(x, alpha, alpha_static, n_iter, use_halley):
 
     def body(carry):
         i, tau, lo, hi, done = carry
-        new_tau, lo, hi, f = propose(tau, lo, hi)
+        new_tau, lo, hi, f, newton = propose(tau, lo, hi)
         converged = jnp.abs(f) < _TOL
-        stalled = jnp.abs(new_tau - tau) <= tiny * jnp.abs(tau)
+        # No float32 progress left: the step and f/f' are both below τ's resolution.
+        stalled = (jnp.abs(new_tau - tau) <= tiny * jnp.abs(tau)) & (
+            jnp.abs(newton - tau) <= 16 * tiny * jnp.abs(tau))
         # A converged row keeps the τ its residual was measured at.
         tau = jnp.where(done | converged, tau, new_tau)
         return i + 1, tau, lo, hi, done | converged | stalled

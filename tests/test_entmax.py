@@ -329,3 +329,17 @@ def test_bad_arguments():
         entmax(x, jnp.ones(4) * 1.5)
     with pytest.raises(ValueError, match="`alpha`"):
         entmax(x, jnp.ones(3, jnp.int32))
+
+
+@pytest.mark.parametrize("alpha", [1.75, 1.95])
+def test_entry_just_above_threshold(alpha):
+    # For α > 1.5, f'' = c0·c1·Σ z^(c0−2) blows up when an entry sits just above τ; the
+    # solver must still converge (not stall on a vanishing Halley step).
+    x = rand((4, 64), 2.0, seed=21).astype(np.float64)
+    t = torch.tensor(x)
+    p = pypi.entmax_bisect(t, alpha, dim=-1, n_iter=200).numpy()
+    # τ in original units from the largest entry: p_max^(α−1) = (α−1)x_max − τ
+    tau = (alpha - 1) * x.max(-1) - p.max(-1) ** (alpha - 1)
+    x[:, 0] = (tau + 1e-6) / (alpha - 1)  # lands in the support by a hair
+    x = x.astype(np.float32)
+    np.testing.assert_allclose(np.asarray(entmax(x, alpha)), torch_entmax(x, alpha), atol=2e-6)
