@@ -213,3 +213,15 @@ def test_learned_alpha_survives_save_and_load(tmp_path):
     x = jnp.asarray(_ids((2, 6)))
     np.testing.assert_allclose(again(x), model(x), atol=1e-5)
 
+
+
+def test_gpt2_base_model_checkpoint_loads_as_tied_lm(tmp_path):
+    """A GPT2Model checkpoint (names without "transformer.") gives the LM with the tied head."""
+    torch.manual_seed(5)
+    ref = transformers.GPT2Model(_gpt2_config()).eval()
+    ref.save_pretrained(str(tmp_path))
+    model = from_pretrained(str(tmp_path))
+    x = _ids((1, 7), seed=5)
+    with torch.no_grad():
+        expected = (ref(torch.tensor(x)).last_hidden_state @ ref.wte.weight.T).numpy()
+    np.testing.assert_allclose(model(jnp.asarray(x)), expected, atol=ATOL, rtol=0)
