@@ -582,6 +582,12 @@ def _pad_last(x, width):
     return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])])
 
 
+def _backward_in_specs(cfg: _Config, sp, list_width: int):
+    """Inputs of both backward kernels: α, lengths, q, k, v, dO, segments, τ, 1/Σ, u scale, δ, count, list."""
+    return [sp["alpha"], sp["batch_scalar"], sp["batch_scalar"], sp["q"], sp["kv"], sp["kv"], sp["q"],
+            *_segment_specs(cfg, sp), *[sp["row"]] * 4, sp["block_scalar"], sp["block_list"](list_width)]
+
+
 def _backward(cfg: _Config, alpha, q_len, kv_len, q, k, v, q_seg, kv_seg, stats, out_tilde, d_out,
               with_alpha_grad: bool):
     B, N, K = q.shape[0], cfg.num_heads, cfg.num_kv_heads
@@ -607,9 +613,7 @@ def _backward(cfg: _Config, alpha, q_len, kv_len, q, k, v, q_seg, kv_seg, stats,
         functools.partial(_dkdv_kernel, cfg=cfg),
         cfg,
         (cfg.num_kv_blocks, B, K),
-        [sp["alpha"], sp["batch_scalar"], sp["batch_scalar"], sp["q"], sp["kv"], sp["kv"], sp["q"],
-         *_segment_specs(cfg, sp), *[sp["row"]] * 4, sp["block_scalar"],
-         sp["block_list"](cfg.q_blocks_padded)],
+        _backward_in_specs(cfg, sp, cfg.q_blocks_padded),
         out_specs,
         out_shape,
         "entmax_attention_dkdv",
@@ -629,9 +633,7 @@ def _backward(cfg: _Config, alpha, q_len, kv_len, q, k, v, q_seg, kv_seg, stats,
         functools.partial(_dq_kernel, cfg=cfg, with_alpha_grad=with_alpha_grad),
         cfg,
         (cfg.num_q_blocks, B, N),
-        [sp["alpha"], sp["batch_scalar"], sp["batch_scalar"], sp["q"], sp["kv"], sp["kv"], sp["q"],
-         *_segment_specs(cfg, sp), *[sp["row"]] * 4, sp["block_scalar"],
-         sp["block_list"](cfg.kv_blocks_padded)],
+        _backward_in_specs(cfg, sp, cfg.kv_blocks_padded),
         out_specs,
         out_shape,
         "entmax_attention_dq",
