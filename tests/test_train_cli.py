@@ -63,20 +63,24 @@ def test_gpt2_cli_sigterm_saves_a_checkpoint(tmp_path):
     assert records(out)[-1]["step"] == saved[0]  # the interrupted step is logged
 
 
-@pytest.mark.parametrize("task", ["mlm", "classify"])
-def test_bert_cli(tmp_path, task):
-    out = tmp_path / task
-    extra = ["--num-labels", "4"] if task == "classify" else []
-    p = cli("train.bert", "--task", task, "--steps", "12", "--lr", "3e-3", "--log-every", "6", "--eval-every", "12",
-            "--no-progress", "--out", str(out), *SMALL, *extra)
+def test_bert_cli_pretrain_then_finetune(tmp_path):
+    mlm = tmp_path / "mlm"
+    p = cli("train.bert", "--steps", "12", "--lr", "3e-3", "--log-every", "6", "--eval-every", "12",
+            "--no-progress", "--out", str(mlm), *SMALL)
     assert p.returncode == 0, p.stderr[-3000:]
-    recs = records(out)
+    recs = records(mlm)
     assert [r["step"] for r in recs] == [6, 12]
-    if task == "mlm":
-        assert recs[-1]["loss_avg"] < recs[0]["loss_avg"] and "val_ppl" in recs[-1]
-    else:
-        assert "val_accuracy" in recs[-1] and "accuracy" in recs[-1]
-        assert "classification over" in p.stdout
+    assert recs[-1]["loss_avg"] < recs[0]["loss_avg"] and "val_ppl" in recs[-1]
+    assert (mlm / "model" / "config.json").exists()  # exported in Hugging Face layout
+    # fine-tune the pre-trained encoder for classification
+    cls = tmp_path / "cls"
+    p = cli("train.bert", "--task", "classify", "--init-from", str(mlm / "model"), "--num-labels", "4",
+            "--steps", "12", "--log-every", "6", "--eval-every", "12", "--no-progress", "--out", str(cls), *SMALL)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "classification over" in p.stdout
+    recs = records(cls)
+    assert [r["step"] for r in recs] == [6, 12]
+    assert 0 <= recs[-1]["val_accuracy"] <= 1 and "accuracy" in recs[-1]
     assert len(recs[-1]["sparsity"]) == 2  # tiny preset: 2 layers
 
 

@@ -222,3 +222,25 @@ def test_fsdp_spec_rule():
 def test_config_is_a_dataclass():
     assert dataclasses.is_dataclass(TrainConfig)
     assert dataclasses.replace(TrainConfig(), steps=3).steps == 3
+
+
+def test_init_from_a_hugging_face_folder(tmp_path):
+    from flax import nnx
+
+    from models import GPT2Config, GPT2LMHeadModel, save_pretrained
+
+    src = GPT2LMHeadModel(GPT2Config.preset("tiny", vocab_size=256, n_positions=64), rngs=nnx.Rngs(7))
+    save_pretrained(src, str(tmp_path / "hf"))
+    cfg = cfg_for(tmp_path, init_from=str(tmp_path / "hf"), preset="not-used-with-init-from")
+    model = make_task(cfg, log=lambda *_: None).build_model(cfg, nnx.Rngs(0))
+    assert isinstance(model, GPT2LMHeadModel) and model.config.attention == "entmax"
+    np.testing.assert_array_equal(np.asarray(model.wte.embedding[...]),
+                                  np.asarray(src.wte.embedding[...]))
+    with pytest.raises(ConfigError) as e:
+        make_task(dataclasses.replace(cfg, seq_len=128), log=lambda *_: None)
+    assert e.value.field == "seq_len"
+    small = GPT2LMHeadModel(GPT2Config.preset("tiny", vocab_size=128), rngs=nnx.Rngs(0))
+    save_pretrained(small, str(tmp_path / "small_vocab"))
+    with pytest.raises(ConfigError) as e:
+        make_task(dataclasses.replace(cfg, init_from=str(tmp_path / "small_vocab")), log=lambda *_: None)
+    assert e.value.field == "init_from"

@@ -113,6 +113,26 @@ def _pretrained(cfg: TrainConfig, **extra):
         raise ConfigError("init_from", f"cannot load {cfg.init_from!r}: {e}") from None
 
 
+def _as_classifier(loaded, num_labels: int, cfg: TrainConfig):
+    """A BertForSequenceClassification from any loaded BERT: the encoder's weights are copied, the pooler and
+    classifier are freshly initialised unless the checkpoint already is a classifier with `num_labels` classes."""
+    from flax import nnx
+
+    from models import BertForSequenceClassification
+
+    if isinstance(loaded, BertForSequenceClassification) and loaded.config.num_labels == num_labels:
+        return loaded
+    if not hasattr(loaded, "bert"):
+        raise ConfigError("init_from", f"{cfg.init_from} holds a {type(loaded).__name__}, not a BERT model")
+    config = dataclasses.replace(loaded.config, num_labels=num_labels)
+    model = BertForSequenceClassification(config, rngs=nnx.Rngs(params=cfg.seed, dropout=cfg.seed + 1))
+    encoder = nnx.state(loaded.bert, nnx.Param)
+    target = nnx.state(model.bert, nnx.Param)
+    copied = {k: v for k, v in encoder.flat_state() if k in dict(target.flat_state())}
+    nnx.update(model.bert, nnx.State.from_flat_path(copied))
+    return model
+
+
 def make_task(cfg: TrainConfig, *, log=print) -> Task:
     """Validate `cfg` (before anything compiles), load the data and build the task."""
     import jax
@@ -138,9 +158,12 @@ def make_task(cfg: TrainConfig, *, log=print) -> Task:
     else:
         num_labels = cfg.num_labels if cfg.task == "classify" else 2
         if cfg.init_from:
-            arch = "BertForSequenceClassification" if cfg.task == "classify" else "BertForMaskedLM"
-            pretrained = _pretrained(cfg, architecture=arch,
-                                     **({"num_labels": num_labels} if cfg.task == "classify" else {}))
+            pretrained = _pretrained(cfg)
+            if cfg.task == "classify":
+                pretrained = _as_classifier(pretrained, num_labels, cfg)
+            elif type(pretrained).__name__ != "BertForMaskedLM":
+                raise ConfigError("init_from", f"{cfg.init_from} holds a {type(pretrained).__name__}, "
+                                               f"not a BertForMaskedLM")
             mcfg = pretrained.config
         else:
             mcfg = bert_config(cfg, vocab, num_labels)
@@ -178,7 +201,13 @@ def make_task(cfg: TrainConfig, *, log=print) -> Task:
 
     return Task(build_model=build_model, loss=loss, batches=batches, tokens_per_example=cfg.seq_len,
                 classification=classification, sparsity_inputs=sparsity_inputs, describe=desc,
-                prepare=_shard_attention_for(cfg))
+                prepare=_shard_attention_for(cfg), export=_export)
+
+
+def _export(model, folder: str) -> None:
+    from models import save_pretrained
+
+    save_pretrained(model, folder)
 
 
 def main(argv, *, prog: str, description: str, defaults: TrainConfig) -> int:

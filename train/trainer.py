@@ -47,6 +47,7 @@ class Task:
     sparsity_inputs: Callable[[dict], dict] = lambda b: {"input_ids": b["input_ids"]}
     describe: str = ""
     prepare: Callable | None = None  # prepare(model, mesh): e.g. wrap attention in shard_map
+    export: Callable | None = None  # export(model, folder): the final model in Hugging Face layout
 
 
 @dataclass
@@ -57,6 +58,7 @@ class RunResult:
     out: Path
     train_step: Callable | None = None  # the jitted step, for inspection (compile count)
     signal: int | None = None  # the signal that stopped the run, if any
+    state: object = None  # the final (model, optimizer) state
 
 
 # ------------------------------------------------------------------------------------------------- optimiser
@@ -457,5 +459,9 @@ def run(cfg: TrainConfig, task: Task, *, sparsity_fn: Callable | None = None, on
             ckpt.close()
             progress.close()
     if not interrupted:
-        say(f"done: {step} steps in {time.time() - t_start:.1f}s; metrics in {metrics_path}")
-    return RunResult(step, interrupted, records, out, jit_train, stop.signum)
+        exported = ""
+        if task.export is not None and jax.process_count() == 1:
+            task.export(nnx.merge(graphdef, state)[0], str(out / "model"))
+            exported = f"; model in {out / 'model'} (use with --init-from)"
+        say(f"done: {step} steps in {time.time() - t_start:.1f}s; metrics in {metrics_path}{exported}")
+    return RunResult(step, interrupted, records, out, jit_train, stop.signum, state)
