@@ -137,6 +137,17 @@ def test_sharded_run_matches_single_device(tmp_path):
     assert sharded.records[-1]["val_loss"] == pytest.approx(va, rel=1e-3)
 
 
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    kw = dict(steps=3, eval_every=100, sparsity_every=100, eval_batches=1)
+    one = run(cfg_for(tmp_path, "one", **kw), make_task(cfg_for(tmp_path, "one", **kw), **QUIET), **QUIET)
+    acc_cfg = cfg_for(tmp_path, "acc", grad_accum=4, **kw)
+    acc = run(acc_cfg, make_task(acc_cfg, **QUIET), **QUIET)
+    a = np.array([r["loss"] for r in one.records])
+    b = np.array([r["loss"] for r in acc.records])
+    assert len(a) == 3 and a[0] == pytest.approx(b[0], rel=1e-6)  # same parameters, same 8 sequences
+    np.testing.assert_allclose(b, a, rtol=1e-4)  # and the same updates after it
+
+
 def test_fsdp_shards_parameters_and_optimizer_state(tmp_path):
     from flax import nnx
 

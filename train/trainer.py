@@ -204,9 +204,10 @@ class Progress:
                                        TimeElapsedColumn, TimeRemainingColumn)
 
             self.bar = RichProgress(
-                TextColumn("step"), MofNCompleteColumn(), BarColumn(),
+                TextColumn("step"), MofNCompleteColumn(), BarColumn(bar_width=24),
                 TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
-                TextColumn("ETA"), TimeRemainingColumn(), TimeElapsedColumn(), refresh_per_second=4)
+                TextColumn("ETA"), TimeRemainingColumn(), TextColumn("elapsed"), TimeElapsedColumn(),
+                refresh_per_second=4)
             self.bar.start()
             self.task = self.bar.add_task("train", total=total, completed=start, loss="-", tps="-")
 
