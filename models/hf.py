@@ -49,20 +49,50 @@ def _read_config(path: str) -> dict:
         return json.load(f)
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
+    "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+
+
+def _load_safetensors(file: str) -> dict[str, np.ndarray]:
+    """``safetensors.numpy.load_file``, plus bfloat16 (which numpy itself lacks) via ml_dtypes."""
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(file)
+    except TypeError:  # "data type 'bfloat16' not understood": read the (simple) format directly
+        import ml_dtypes
+
+        dtypes = {**_SAFETENSORS_DTYPES, "BF16": ml_dtypes.bfloat16}
+        with open(file, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+            data = f.read()
+        out = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            if info["dtype"] not in dtypes:
+                raise ValueError(f"{file}: tensor {name!r} has unsupported dtype {info['dtype']}") from None
+            start, end = info["data_offsets"]
+            arr = np.frombuffer(data[start:end], dtype=dtypes[info["dtype"]]).reshape(info["shape"])
+            out[name] = arr.astype(np.float32) if info["dtype"] == "BF16" else arr
+        return out
+
+
 def _read_tensors(path: str) -> dict[str, np.ndarray]:
     st = os.path.join(path, "model.safetensors")
     index = os.path.join(path, "model.safetensors.index.json")
     pt = os.path.join(path, "pytorch_model.bin")
     if os.path.isfile(st) or os.path.isfile(index):
-        from safetensors.numpy import load_file
-
         if os.path.isfile(st):
-            return load_file(st)
+            return _load_safetensors(st)
         with open(index) as f:
             shards = sorted(set(json.load(f)["weight_map"].values()))
         out = {}
         for shard in shards:
-            out.update(load_file(os.path.join(path, shard)))
+            out.update(_load_safetensors(os.path.join(path, shard)))
         return out
     if os.path.isfile(pt):
         try:

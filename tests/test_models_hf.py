@@ -225,3 +225,15 @@ def test_gpt2_base_model_checkpoint_loads_as_tied_lm(tmp_path):
     with torch.no_grad():
         expected = (ref(torch.tensor(x)).last_hidden_state @ ref.wte.weight.T).numpy()
     np.testing.assert_allclose(model(jnp.asarray(x)), expected, atol=ATOL, rtol=0)
+
+
+def test_bfloat16_safetensors_checkpoint_loads(tmp_path):
+    torch.manual_seed(6)
+    ref = transformers.BertForMaskedLM(_bert_config()).eval().to(torch.bfloat16)
+    ref.save_pretrained(str(tmp_path))
+    model = from_pretrained(str(tmp_path))  # parameters float32: the bf16 values, widened exactly
+    ref = ref.float()
+    x = _ids((1, 6), seed=6)
+    with torch.no_grad():
+        expected = ref(torch.tensor(x)).logits.numpy()
+    np.testing.assert_allclose(model(jnp.asarray(x)), expected, atol=ATOL, rtol=0)
