@@ -19,7 +19,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     defaults = DEFAULTS
     if _task_of(argv) == "classify":
-        defaults = TrainConfig(task="classify", out="runs/bert-classify", lr=1e-3)
+        defaults = TrainConfig(task="classify", out="runs/bert-classify", lr=1e-3, eval_batches=16)
     return _main(argv, prog="python -m train.bert", description=__doc__.splitlines()[0], defaults=defaults)
 
 
