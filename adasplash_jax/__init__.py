@@ -2,6 +2,7 @@
 
 from adasplash_jax.attention import SparsityStats, entmax_attention, entmax_attention_with_stats
 from adasplash_jax.entmax import entmax, entmax15, entmax_threshold, sparsemax
+from adasplash_jax.flax_attention import flax_entmax_attention, make_flax_attention_fn
 from adasplash_jax.losses import entmax_loss, sparsemax_loss
 from adasplash_jax.pallas_attention import BlockSizes
 
@@ -14,6 +15,8 @@ __all__ = [
     "entmax_attention_with_stats",
     "SparsityStats",
     "BlockSizes",
+    "flax_entmax_attention",
+    "make_flax_attention_fn",
     "entmax_loss",
     "sparsemax_loss",
 ]

@@ -196,8 +196,13 @@ def _grouped_alpha(alpha, num_kv_heads: int, num_groups: int):
     return alpha.reshape(1, num_kv_heads, num_groups, 1)
 
 
-def dense_attention(inp: AttentionInputs, *, return_probabilities: bool = False):
-    """The XLA path: scores materialised, entmax row-wise. Also the kernels' reference."""
+def dense_attention(inp: AttentionInputs, *, return_probabilities: bool = False, transform_probabilities=None):
+    """The XLA path: scores materialised, entmax row-wise. Also the kernels' reference.
+
+    ``transform_probabilities`` (e.g. dropout) maps the [B, N, T, S] probabilities to the
+    weights applied to the values; ``return_probabilities`` also returns the untransformed
+    probabilities [B, N, T, S].
+    """
     B, T, N, H = inp.query.shape
     _, S, K, _ = inp.key.shape
     G = inp.num_groups
@@ -209,8 +214,11 @@ def dense_attention(inp: AttentionInputs, *, return_probabilities: bool = False)
     keep = jnp.broadcast_to(keep, (keep.shape[0], N, T, S)).reshape(keep.shape[0], K, G, T, S)
     scores = jnp.where(keep, scores, -jnp.inf)
     probs = entmax(scores, _grouped_alpha(inp.alpha, K, G), axis=-1)
+    weights = probs
+    if transform_probabilities is not None:
+        weights = transform_probabilities(probs.reshape(B, N, T, S)).reshape(probs.shape)
     out = jnp.einsum(
-        "bkgts,bskh->btkgh", probs, inp.value.astype(jnp.float32), preferred_element_type=jnp.float32
+        "bkgts,bskh->btkgh", weights, inp.value.astype(jnp.float32), preferred_element_type=jnp.float32
     )
     out = out.reshape(B, T, N, H).astype(inp.query.dtype)
     if return_probabilities:

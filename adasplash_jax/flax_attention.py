@@ -21,32 +21,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from adasplash_jax.attention import entmax_attention
-from adasplash_jax.entmax import entmax
+from adasplash_jax.attention import check_attention_inputs, dense_attention, entmax_attention
 
 __all__ = ["flax_entmax_attention", "make_flax_attention_fn"]
 
 
 def _flatten_batch(x, batch_shape):
     return x.reshape((-1,) + x.shape[len(batch_shape):])
-
-
-def _dense_probabilities(query, key, alpha, mask, is_causal):
-    """[B, T, N, H], [B, S, K, H] → entmax probabilities [B, N, T, S] (float32)."""
-    n, k = query.shape[2], key.shape[2]
-    if n != k:
-        key = jnp.repeat(key, n // k, axis=2)
-    scale = 1.0 / jnp.sqrt(jnp.float32(query.shape[-1]))
-    scores = jnp.einsum("btnh,bsnh->bnts", query, key, preferred_element_type=jnp.float32) * scale
-    keep = jnp.ones(scores.shape, jnp.bool_)
-    if mask is not None:
-        keep = keep & mask
-    if is_causal:
-        t, s = scores.shape[-2:]
-        keep = keep & (jnp.arange(s)[None, :] <= jnp.arange(t)[:, None])
-    scores = jnp.where(keep, scores, -jnp.inf)
-    a = alpha if isinstance(alpha, float) else jnp.asarray(alpha, jnp.float32).reshape(-1, 1)
-    return entmax(scores, a, axis=-1)
 
 
 def flax_entmax_attention(
@@ -127,7 +108,21 @@ def flax_entmax_attention(
         )
     if use_dropout and dropout_rng is None:
         raise ValueError("flax_entmax_attention: dropout_rate > 0 and deterministic=False need a `dropout_rng`")
-    probs = _dense_probabilities(q, k, alpha, mask, is_causal)  # [B, N, T, S]
+    def dropout(probs):  # [B, N, T, S]
+        keep_prob = 1.0 - dropout_rate
+        shape = probs.shape
+        if broadcast_dropout:  # one dropout pattern shared across batch and heads, as Flax does
+            shape = (1, 1) + shape[2:]
+        keep = jax.random.bernoulli(dropout_rng, keep_prob, shape)
+        return jnp.where(keep, probs / keep_prob, 0.0)
+
+    inp = check_attention_inputs(
+        q, k, v, alpha=alpha, mask=mask, is_causal=is_causal, scale=None, query_seq_lengths=None,
+        key_value_seq_lengths=None, segment_ids=None,
+    )
+    out, probs = dense_attention(
+        inp, return_probabilities=True, transform_probabilities=dropout if use_dropout else None
+    )
     if module is not None:
         from flax import nnx
 
@@ -135,16 +130,6 @@ def flax_entmax_attention(
             module.sow(nnx.Intermediate, "attention_weights", probs)
         else:
             module.sow("intermediates", "attention_weights", probs)
-    if use_dropout:
-        keep_prob = 1.0 - dropout_rate
-        shape = probs.shape
-        if broadcast_dropout:  # one dropout pattern shared across batch and heads, as Flax does
-            shape = (1, 1) + shape[2:]
-        keep = jax.random.bernoulli(dropout_rng, keep_prob, shape)
-        probs = jnp.where(keep, probs / keep_prob, 0.0)
-    n, kh = q.shape[2], k.shape[2]
-    vv = jnp.repeat(v, n // kh, axis=2) if n != kh else v
-    out = jnp.einsum("bnts,bsnh->btnh", probs, vv.astype(jnp.float32))
     return out.reshape(query.shape[:-1] + (value.shape[-1],)).astype(out_dtype)
 
 
