@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,15 +73,25 @@ def test_bert_cli_pretrain_then_finetune(tmp_path):
     assert [r["step"] for r in recs] == [6, 12]
     assert recs[-1]["loss_avg"] < recs[0]["loss_avg"] and "val_ppl" in recs[-1]
     assert (mlm / "model" / "config.json").exists()  # exported in Hugging Face layout
-    # fine-tune the pre-trained encoder for classification
+    # fine-tune the pre-trained encoder on a folder corpus whose classes (its sub-folders) are easy to tell apart
+    rng = np.random.default_rng(0)
+    words = {"code": "def return import class yield lambda".split(),
+             "latin": "lorem ipsum dolor sit amet consectetur".split()}
+    for label, vocab in words.items():
+        (tmp_path / "corpus" / label).mkdir(parents=True)
+        for i in range(20):
+            (tmp_path / "corpus" / label / f"{i}.txt").write_text(" ".join(rng.choice(vocab, 300)))
     cls = tmp_path / "cls"
-    p = cli("train.bert", "--task", "classify", "--init-from", str(mlm / "model"), "--num-labels", "4",
-            "--steps", "12", "--log-every", "6", "--eval-every", "12", "--no-progress", "--out", str(cls), *SMALL)
+    p = cli("train.bert", "--task", "classify", "--init-from", str(mlm / "model"), "--data", str(tmp_path / "corpus"),
+            "--num-labels", "2", "--val-fraction", "0.3", "--steps", "60", "--lr", "3e-3", "--log-every", "20",
+            "--eval-every", "60",
+            "--eval-batches", "2", "--no-progress", "--out", str(cls), *SMALL[:-2])
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "classification over" in p.stdout
+    assert "classification over ['code', 'latin']" in p.stdout
     recs = records(cls)
-    assert [r["step"] for r in recs] == [6, 12]
-    assert 0 <= recs[-1]["val_accuracy"] <= 1 and "accuracy" in recs[-1]
+    assert [r["step"] for r in recs] == [20, 40, 60]
+    assert recs[-1]["loss_avg"] < 0.5 * recs[0]["loss_avg"]
+    assert recs[-1]["val_accuracy"] >= 0.75  # 16 balanced validation snippets; chance is 0.5
     assert len(recs[-1]["sparsity"]) == 2  # tiny preset: 2 layers
 
 
