@@ -416,7 +416,7 @@ def run(cfg: TrainConfig, task: Task, *, sparsity_fn: Callable | None = None, on
                 if on_step is not None:
                     on_step(step)
                 last = step == cfg.steps
-                stopping = stop.signum is not None or (cfg.stop_after is not None and step >= cfg.stop_after)
+                stopping = stop.signum is not None or (cfg.stop_after is not None and step == cfg.stop_after)
                 if step % cfg.log_every == 0 or last or stopping:
                     m = jax.device_get(metrics)
                     losses = [float(x) for x in jax.device_get(window_losses)]
