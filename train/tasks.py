@@ -232,4 +232,4 @@ def main(argv, *, prog: str, description: str, defaults: TrainConfig) -> int:
     return 0
 
 
-__all__ = ["make_task", "main", "gpt2_config", "bert_config", "GPT2_PRESETS", "BERT_PRESETS", "dataclasses"]
+__all__ = ["make_task", "main", "gpt2_config", "bert_config", "GPT2_PRESETS", "BERT_PRESETS"]

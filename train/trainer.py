@@ -315,7 +315,6 @@ def setup(cfg: TrainConfig, task: Task, sparsity_fn: Callable | None = None) -> 
         return device_batch({k: v.reshape(cfg.grad_accum, cfg.micro_batch_size, *v.shape[1:]) for k, v in b.items()},
                             train_batch_sh)
 
-
     return Setup(mesh, graphdef, state, shardings, schedule, n_params, jit_train, jit_eval, jit_sparsity,
                  train_batch, device_batch, eval_batch_sh, alpha_arg)
 
@@ -329,7 +328,13 @@ def run(cfg: TrainConfig, task: Task, *, sparsity_fn: Callable | None = None, on
     lead = jax.process_index() == 0  # with several processes only the first one writes metrics and prints
     progress = Progress(cfg.steps, 0, cfg.progress and lead)
     say = (log or progress.print) if lead else (lambda *_: None)
+    try:
+        return _run(cfg, task, sparsity_fn, on_step, progress, say, out, lead)
+    finally:
+        progress.close()  # also when set-up or restoring fails: give the terminal back
 
+
+def _run(cfg, task, sparsity_fn, on_step, progress, say, out, lead) -> RunResult:
     S = setup(cfg, task, sparsity_fn)
     mesh, graphdef, state, shardings, schedule = S.mesh, S.graphdef, S.state, S.shardings, S.schedule
     n_params, jit_train, jit_eval, jit_sparsity = S.n_params, S.train_step, S.eval_step, S.sparsity_step
