@@ -168,7 +168,8 @@ def test_array_alpha_per_row_matches_float_alpha():
     "alpha,solver",
     [(a, s) for a in (1.25, 1.5, 2.0) for s in ("auto", "bisect", "sort") if not (s == "sort" and a == 1.25)],
 )
-def test_minus_inf_is_exact_zero_and_fully_masked_row_is_zero(alpha, solver):    x = rand((4, 30), 2.0, seed=10)
+def test_minus_inf_is_exact_zero_and_fully_masked_row_is_zero(alpha, solver):
+    x = rand((4, 30), 2.0, seed=10)
     x[0, :] = -np.inf
     x[1, 10:] = -np.inf
     x[2, ::2] = -np.inf
