@@ -172,6 +172,7 @@ def test_classification_labels_are_real(tmp_path):
 
 
 def test_bpe_tokenizer(tmp_path):
+    pytest.importorskip("tokenizers")  # the `bpe` extra (transformers brings it in the `test` extra)
     d = tmp_path / "txt"
     d.mkdir()
     (d / "a.txt").write_text("def function(argument):\n    return argument + 1\n" * 300)
