@@ -15,16 +15,13 @@ import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from train.config import TrainConfig  # noqa: E402
-from train.tasks import make_task  # noqa: E402
-from train.trainer import setup  # noqa: E402
+from train.config import TrainConfig
+from train.tasks import make_task
+from train.trainer import setup
 
 
 class Runner:
