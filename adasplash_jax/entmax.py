@@ -128,6 +128,55 @@ def _power_sums(alpha_static: float | None, alpha, x, tau):
             jnp.sum(p1 / zc, axis=-1, keepdims=True))
 
 
+def solver_step(alpha_static: float | None, alpha, tau, lo, hi, s0, s1, s2, *, use_halley: bool = True):
+    """One safeguarded step of the τ solver, given the power sums at τ (one pass over the row).
+
+    s0, s1, s2 = Σ z^c0, Σ z^c1, Σ z^c2 with z = [x − τ]_+ (s2 unused for α = 2). Shared by
+    the dense solver here and the blockwise τ kernel, which accumulates the sums over key
+    blocks. Returns (next τ, lo, hi, f(τ), Newton point, predicted) where ``predicted``
+    marks rows whose next τ is already at float32 precision (a Halley step from small f).
+    """
+    f = s0 - 1.0
+    if not use_halley:
+        lo = jnp.where(f > 0, tau, lo)
+        hi = jnp.where(f < 0, tau, hi)
+        return 0.5 * (lo + hi), lo, hi, f, tau, jnp.zeros(f.shape, jnp.bool_)
+    c0 = 1.0 / (alpha - 1.0)
+    # f is convex and decreasing (α ≤ 2), so the Newton point is a lower bound of the
+    # root from either side; for α = 1.5, from the left, the root of the current
+    # piece's quadratic Σ_S (z − δ)² = 1 is an upper bound (Σ_S (z − δ)² ≥ f + 1).
+    df = -c0 * s1
+    newton = tau - f / jnp.where(df < 0, df, -1.0)
+    newton = jnp.where(df < 0, newton, tau)
+    lo = jnp.maximum(jnp.where(f > 0, tau, lo), jnp.minimum(newton, hi))
+    hi = jnp.where(f < 0, tau, hi)
+    if alpha_static == 1.5:
+        disc = s1 * s1 - s2 * f
+        den = s1 + jnp.sqrt(jnp.maximum(disc, 0.0))
+        quad = tau + f / jnp.where(den > 0, den, 1.0)
+        hi = jnp.where((f > 0) & (disc >= 0) & (den > 0), jnp.clip(quad, lo, hi), hi)
+    mid = 0.5 * (lo + hi)
+    if alpha_static == 2.0:
+        # f'' = 0 on every piece: the Newton step, exact on the current piece.
+        cand = newton
+    else:
+        d2f = c0 * (c0 - 1.0) * s2
+        denom = 2.0 * df * df - f * d2f
+        ok = denom > 0
+        cand = jnp.where(ok, tau - 2.0 * f * df / jnp.where(ok, denom, 1.0), jnp.inf)
+        # A huge f'' (an entry just above τ when α > 1.5) shrinks Halley's step to
+        # nothing; bisect instead of crawling.
+        crawl = jnp.abs(cand - tau) < 1e-3 * jnp.abs(newton - tau)
+        cand = jnp.where(crawl, jnp.inf, cand)
+    slack = 1e-6 * (hi - lo)
+    inside = (cand >= lo - slack) & (cand <= hi + slack)
+    new_tau = jnp.where(inside, jnp.clip(cand, lo, hi), mid)
+    # Halley converges cubically: a Halley step taken from |f| ≤ _PREDICT lands
+    # orders of magnitude below float32 resolution, so it needs no check pass.
+    predicted = inside & (jnp.abs(f) <= _PREDICT) if alpha_static != 2.0 else jnp.zeros_like(inside)
+    return new_tau, lo, hi, f, newton, predicted
+
+
 def _threshold_iterative(x, alpha, alpha_static, n_iter, use_halley):
     """τ by a safeguarded root finder on shifted, scaled rows.
 
@@ -145,48 +194,10 @@ def _threshold_iterative(x, alpha, alpha_static, n_iter, use_halley):
     """
     lo, hi = _bracket(x.shape[-1], alpha)
     tau = 0.5 * (lo + hi)
-    c0 = 1.0 / (alpha - 1.0)
 
     def propose(tau, lo, hi):
-        s0, s1, s2 = _power_sums(alpha_static, alpha, x, tau)
-        f = s0 - 1.0
-        if not use_halley:
-            lo = jnp.where(f > 0, tau, lo)
-            hi = jnp.where(f < 0, tau, hi)
-            return 0.5 * (lo + hi), lo, hi, f, tau, jnp.zeros(f.shape, jnp.bool_)
-        # f is convex and decreasing (α ≤ 2), so the Newton point is a lower bound of the
-        # root from either side; for α = 1.5, from the left, the root of the current
-        # piece's quadratic Σ_S (z − δ)² = 1 is an upper bound (Σ_S (z − δ)² ≥ f + 1).
-        df = -c0 * s1
-        newton = tau - f / jnp.where(df < 0, df, -1.0)
-        newton = jnp.where(df < 0, newton, tau)
-        lo = jnp.maximum(jnp.where(f > 0, tau, lo), jnp.minimum(newton, hi))
-        hi = jnp.where(f < 0, tau, hi)
-        if alpha_static == 1.5:
-            disc = s1 * s1 - s2 * f
-            den = s1 + jnp.sqrt(jnp.maximum(disc, 0.0))
-            quad = tau + f / jnp.where(den > 0, den, 1.0)
-            hi = jnp.where((f > 0) & (disc >= 0) & (den > 0), jnp.clip(quad, lo, hi), hi)
-        mid = 0.5 * (lo + hi)
-        if alpha_static == 2.0:
-            # f'' = 0 on every piece: the Newton step, exact on the current piece.
-            cand = newton
-        else:
-            d2f = c0 * (c0 - 1.0) * s2
-            denom = 2.0 * df * df - f * d2f
-            ok = denom > 0
-            cand = jnp.where(ok, tau - 2.0 * f * df / jnp.where(ok, denom, 1.0), jnp.inf)
-            # A huge f'' (an entry just above τ when α > 1.5) shrinks Halley's step to
-            # nothing; bisect instead of crawling.
-            crawl = jnp.abs(cand - tau) < 1e-3 * jnp.abs(newton - tau)
-            cand = jnp.where(crawl, jnp.inf, cand)
-        slack = 1e-6 * (hi - lo)
-        inside = (cand >= lo - slack) & (cand <= hi + slack)
-        new_tau = jnp.where(inside, jnp.clip(cand, lo, hi), mid)
-        # Halley converges cubically: a Halley step taken from |f| ≤ _PREDICT lands
-        # orders of magnitude below float32 resolution, so it needs no check pass.
-        predicted = inside & (jnp.abs(f) <= _PREDICT) if alpha_static != 2.0 else jnp.zeros_like(inside)
-        return new_tau, lo, hi, f, newton, predicted
+        return solver_step(alpha_static, alpha, tau, lo, hi,
+                           *_power_sums(alpha_static, alpha, x, tau), use_halley=use_halley)
 
     if n_iter is not None:
         def fixed(_, state):

@@ -35,6 +35,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from adasplash_jax.attention import AttentionInputs, SparsityStats, tile_fractions
 from adasplash_jax.entmax import _powers as entmax_powers
+from adasplash_jax.entmax import solver_step
 from adasplash_jax.masking import keep_mask
 
 # A finite stand-in for −inf inside kernels: keeps inf − inf = NaN out of the arithmetic.
@@ -240,8 +241,6 @@ def _threshold_kernel(
     lo, hi = threshold_bracket(row_max, row_sum, allowed, alpha)
     lo, hi = jnp.where(has_any, lo, 0.0), jnp.where(has_any, hi, 0.0)
     tau = 0.5 * (lo + hi)
-    c0 = 1.0 / (alpha - 1.0)
-    c1 = c0 - 1.0
 
     def solver_iteration(_, carry):
         tau, lo, hi = carry
@@ -254,7 +253,8 @@ def _threshold_kernel(
 
         zero = jnp.zeros((cfg.block_q,), jnp.float32)
         s0, s1, s2 = lax.fori_loop(0, num_blocks, sums, (zero, zero, zero))
-        return halley_bisection_update(tau, lo, hi, s0, s1, s2, c0, c1)
+        new_tau, lo, hi, f, *_ = solver_step(cfg.alpha_static, alpha, tau, lo, hi, s0, s1, s2)
+        return jnp.where(f == 0, tau, new_tau), lo, hi
 
     tau, lo, hi = lax.fori_loop(0, cfg.n_iter, solver_iteration, (tau, lo, hi))
 
@@ -291,23 +291,6 @@ def threshold_bracket(row_max, row_sum, count, alpha):
     hi = row_max - spread
     lo = jnp.minimum(jnp.maximum(row_max - 1.0, row_sum / n - spread), hi)
     return lo, hi
-
-
-def halley_bisection_update(tau, lo, hi, s0, s1, s2, c0, c1):
-    """One safeguarded Halley step given the power sums at τ; returns (τ, lo, hi)."""
-    f = s0 - 1.0
-    lo = jnp.where(f > 0, tau, lo)
-    hi = jnp.where(f < 0, tau, hi)
-    df = -c0 * s1
-    d2f = c0 * c1 * s2
-    denom = 2.0 * df * df - f * d2f
-    ok = denom > 0
-    halley = tau - 2.0 * f * df / jnp.where(ok, denom, 1.0)
-    newton = tau - f / jnp.where(df < 0, df, -1.0)
-    cand = jnp.where(ok, halley, newton)
-    inside = (cand >= lo) & (cand <= hi)
-    new_tau = jnp.where(inside, cand, 0.5 * (lo + hi))
-    return jnp.where(f == 0, tau, new_tau), lo, hi
 
 
 # ------------------------------------------------------------- 2. block index lists
