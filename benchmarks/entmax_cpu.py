@@ -13,17 +13,14 @@ processes affects them alike) and the medians are reported, with ratios.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from adasplash_jax.entmax import entmax  # noqa: E402
+from adasplash_jax.entmax import entmax
 
 
 def jax_fwd_bwd(fn):

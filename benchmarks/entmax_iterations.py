@@ -22,15 +22,12 @@ from __future__ import annotations
 
 import argparse
 import functools
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import numpy as np
 
-from adasplash_jax.entmax import entmax_threshold  # noqa: E402
+from adasplash_jax.entmax import entmax_threshold
 
 
 def mass_f64(s, tau, alpha):
