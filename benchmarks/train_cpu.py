@@ -1,6 +1,10 @@
-"""Training throughput on CPU: tiny preset, softmax vs entmax attention, in one run.
+"""Training throughput: softmax vs entmax attention train steps, side by side in one run.
 
     python benchmarks/train_cpu.py [--steps 30] [--batch-size 16] [--seq-len 128] [--alpha 1.5] [--task lm|mlm]
+
+The defaults are the CPU benchmark (tiny preset, softmax vs dense entmax). On a GPU the same script times the
+issue's GPT-2 124M comparison, e.g.
+    python benchmarks/train_cpu.py --preset gpt2 --seq-len 1024 --batch-size 8 --kinds softmax adasplash
 
 For each attention kind: builds the same model and train step as ``python -m train.gpt2`` (or ``train.bert``),
 compiles it and runs warm-up steps, then times ``--steps`` steps one at a time (each waited for, the two kinds
@@ -29,7 +33,7 @@ class Runner:
 
     def __init__(self, kind: str, args):
         self.kind = kind
-        self.cfg = TrainConfig(task=args.task, preset="tiny", attention=kind, alpha=args.alpha,
+        self.cfg = TrainConfig(task=args.task, preset=args.preset, attention=kind, alpha=args.alpha,
                                batch_size=args.batch_size, seq_len=args.seq_len, steps=args.warmup + args.steps,
                                progress=False, out=tempfile.mkdtemp(prefix="bench-"))
         self.s = setup(self.cfg, make_task(self.cfg, log=lambda *_: None))
@@ -66,10 +70,13 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--alpha", type=float, default=1.5)
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--kinds", nargs=2, default=["softmax", "entmax"], metavar=("BASELINE", "OTHER"),
+                   choices=["softmax", "entmax", "adasplash"], help="the two attention kinds to compare")
     args = p.parse_args(argv)
-    print(f"# jax {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} device(s); tiny preset "
+    print(f"# jax {jax.__version__}, backend {jax.default_backend()}, {jax.device_count()} device(s); {args.preset} preset "
           f"{args.task}, batch {args.batch_size} × seq {args.seq_len}, {args.steps} timed steps (median)")
-    runners = [Runner(kind, args) for kind in ("softmax", "entmax")]
+    runners = [Runner(kind, args) for kind in args.kinds]
     for _ in range(args.warmup - 1):
         for r in runners:
             r.step(record=False)
@@ -83,7 +90,7 @@ def main(argv=None) -> int:
               f"{1e3 * r['median_step_s']:>10.1f} {1e3 * r['p10_step_s']:>6.1f}–{1e3 * r['p90_step_s']:<7.1f} "
               f"{r['compile_s']:>10.1f}")
     ratio = rows[1]["steps_per_s"] / rows[0]["steps_per_s"]
-    print(f"entmax / softmax throughput ratio: {ratio:.2f} (median step time ×{1 / ratio:.2f})")
+    print(f"{args.kinds[1]} / {args.kinds[0]} throughput ratio: {ratio:.2f} (median step time ×{1 / ratio:.2f})")
     return 0
 
 
