@@ -44,18 +44,20 @@ def _fy_forward(logits, labels, alpha):
     finite = jnp.isfinite(x)
     inner = jnp.sum(jnp.where(finite, x, 0.0) * (p - onehot), axis=-1)
     entropy = (1.0 - jnp.sum(p_alpha, axis=-1)) / (alpha * (alpha - 1.0))
-    return inner + entropy, (p, onehot)
+    # A gold class whose logit is −inf can never be predicted: the loss is +inf (−θ_y).
+    gold_masked = jnp.sum(jnp.where(finite, 0.0, onehot), axis=-1) > 0
+    return jnp.where(gold_masked, jnp.inf, inner + entropy), (p, onehot)
 
 
 def _fy_fwd(logits, labels, alpha):
     loss, (p, onehot) = _fy_forward(logits, labels, alpha)
-    return loss, (p - onehot, logits, labels)
+    return loss, (p - onehot, jnp.zeros((), logits.dtype), labels)
 
 
 def _fy_bwd(alpha, res, g):
-    diff, logits, labels = res
+    diff, dtype_carrier, labels = res
     zero_labels = jnp.zeros(labels.shape, jax.dtypes.float0)
-    return (g[..., None] * diff).astype(logits.dtype), zero_labels
+    return (g[..., None] * diff).astype(dtype_carrier.dtype), zero_labels
 
 
 _fy_loss.defvjp(_fy_fwd, _fy_bwd)

@@ -114,3 +114,10 @@ def test_errors():
         entmax_loss(x, jnp.zeros(3))
     with pytest.raises(ValueError, match="`logits`"):
         sparsemax_loss(jnp.ones((3, 4), jnp.int32), y)
+
+
+def test_gold_class_with_minus_inf_logit_has_infinite_loss():
+    logits = jnp.array([[2.0, -jnp.inf, 0.5], [2.0, -jnp.inf, 0.5]])
+    loss = entmax_loss(logits, jnp.array([1, 0]), alpha=1.5)
+    assert loss[0] == jnp.inf
+    assert np.isfinite(float(loss[1]))
