@@ -675,9 +675,10 @@ def make_config(inp: AttentionInputs, block_sizes: BlockSizes | None, interpret:
         raise ValueError(f"`query` dtype {dtype} is not supported by the Pallas kernels; use float32, bfloat16 or float16")
     if H > _MAX_HEAD_DIM:
         raise ValueError(f"`query` head_dim {H} is not supported by the Pallas kernels (at most {_MAX_HEAD_DIM})")
-    if inp.mask is not None:
+    if inp.mask is not None and _padding_mask_axis(inp.mask) is None:
         raise ValueError(
-            "`mask` (an arbitrary dense mask) is not supported by implementation='pallas'; express it with "
+            f"`mask` of shape {inp.mask.shape} is not supported by implementation='pallas': it takes padding masks "
+            "over keys [batch, 1, 1, kv_len] or queries [batch, 1, q_len, 1] only; express other masks with "
             "is_causal, query_seq_lengths, key_value_seq_lengths or segment_ids, or use implementation='xla'"
         )
     bs = block_sizes or BlockSizes.for_head_dim(H)
@@ -690,7 +691,7 @@ def make_config(inp: AttentionInputs, block_sizes: BlockSizes | None, interpret:
         block_q=block_q, block_k=block_k, num_warps=bs.num_warps, num_stages=bs.num_stages,
         n_iter=bs.solver_passes(alpha_static), causal=inp.is_causal, scale=inp.scale,
         alpha_static=alpha_static,
-        has_segments=inp.q_segment_ids is not None, exact_dots=dtype == jnp.float32,
+        has_segments=inp.q_segment_ids is not None or inp.mask is not None, exact_dots=dtype == jnp.float32,
         interpret=_resolve_interpret(interpret), debug=debug,
     )
 
@@ -701,6 +702,36 @@ def _pad_to(x, axis, size, value=0):
     widths = [(0, 0)] * x.ndim
     widths[axis] = (0, size - x.shape[axis])
     return jnp.pad(x, widths, constant_values=value)
+
+
+# Segment ids given to masked-out positions: they match nothing a caller would use.
+_MASKED_KEY_SEGMENT = -(2**31)
+_MASKED_QUERY_SEGMENT = -(2**31) + 1
+
+
+def _padding_mask_axis(mask):
+    """2 for a query mask [b, 1, T, 1], 3 for a key mask [b, 1, 1, S], None for any other mask."""
+    shape = (1,) * (4 - mask.ndim) + tuple(mask.shape)
+    if shape[1] != 1:
+        return None
+    if shape[2] == 1:
+        return 3
+    if shape[3] == 1:
+        return 2
+    return None
+
+
+def _segments_with_padding_mask(inp: AttentionInputs, B: int, T: int, S: int):
+    """Segment ids [B, T], [B, S] that also encode a query or key padding mask (any padding side)."""
+    q_seg = inp.q_segment_ids if inp.q_segment_ids is not None else jnp.zeros((B, T), jnp.int32)
+    kv_seg = inp.kv_segment_ids if inp.kv_segment_ids is not None else jnp.zeros((B, S), jnp.int32)
+    if inp.mask is not None:
+        mask = inp.mask.reshape((1,) * (4 - inp.mask.ndim) + inp.mask.shape)
+        if _padding_mask_axis(inp.mask) == 3:
+            kv_seg = jnp.where(jnp.broadcast_to(mask[:, 0, 0, :], (B, S)), kv_seg, _MASKED_KEY_SEGMENT)
+        else:
+            q_seg = jnp.where(jnp.broadcast_to(mask[:, 0, :, 0], (B, T)), q_seg, _MASKED_QUERY_SEGMENT)
+    return q_seg, kv_seg
 
 
 def _kernel_inputs(cfg: _Config, inp: AttentionInputs):
@@ -718,8 +749,9 @@ def _kernel_inputs(cfg: _Config, inp: AttentionInputs):
         kv_len = jnp.clip(inp.kv_lengths, 0, cfg.kv_len)
     q_seg = kv_seg = None
     if cfg.has_segments:
-        q_seg = _pad_to(inp.q_segment_ids, 1, cfg.q_len_padded, -1)
-        kv_seg = _pad_to(inp.kv_segment_ids, 1, cfg.kv_len_padded, -2)
+        q_seg, kv_seg = _segments_with_padding_mask(inp, B, cfg.q_len, cfg.kv_len)
+        q_seg = _pad_to(q_seg, 1, cfg.q_len_padded, -1)
+        kv_seg = _pad_to(kv_seg, 1, cfg.kv_len_padded, -2)
     if isinstance(inp.alpha, float):
         alpha = jnp.full((cfg.num_heads,), inp.alpha, jnp.float32)
     else:

@@ -238,12 +238,12 @@ def attention_probabilities(kind, q, k, alpha, *, mask=None, kv_lengths=None, is
 
 
 def padding_arguments(attention_mask, kind: str, seq_len: int):
-    """HF-style padding mask [B, S] (1 keeps) → (mask, key_value_seq_lengths) for the layers.
+    """HF-style padding mask [B, S] (1 keeps) → (mask [B, 1, 1, S], key_value_seq_lengths) for the layers.
 
-    The Pallas path prefers lengths to an arbitrary mask, so for "adasplash" a right-padded
-    mask is turned into lengths (checked when the mask is concrete); the other kinds get a
-    boolean mask [B, 1, 1, S], which allows any padding side.
+    Every kind takes the key-padding mask as it is (the Pallas path folds such a mask into
+    segment ids), so padding may be on either side, traced or not.
     """
+    del kind
     if attention_mask is None:
         return None, None
     attention_mask = jnp.asarray(attention_mask)
@@ -251,18 +251,7 @@ def padding_arguments(attention_mask, kind: str, seq_len: int):
         raise ValueError(
             f"`attention_mask` must have shape [batch, {seq_len}] like input_ids, got {attention_mask.shape}"
         )
-    keep = attention_mask.astype(bool)
-    if kind != "adasplash":
-        return keep[:, None, None, :], None
-    lengths = keep.sum(axis=-1).astype(jnp.int32)
-    if not isinstance(keep, jax.core.Tracer):
-        prefix = np.arange(seq_len)[None, :] < np.asarray(lengths)[:, None]
-        if not np.array_equal(prefix, np.asarray(keep)):
-            raise ValueError(
-                "attention='adasplash' takes right-padded `attention_mask` only (ones, then zeros); "
-                "use attention='entmax' for other masks"
-            )
-    return None, lengths
+    return attention_mask.astype(bool)[:, None, None, :], None
 
 
 def check_input_ids(input_ids, vocab_size: int, max_positions: int, name: str = "input_ids"):

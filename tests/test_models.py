@@ -357,7 +357,15 @@ def test_bad_inputs_are_named():
         b(jnp.zeros((1, 4), jnp.int32), None, jnp.full((1, 4), 2))
     with pytest.raises(ValueError, match="position table"):
         b(jnp.zeros((1, 65), jnp.int32))
-    # the Pallas path takes padding as lengths: only right padding
-    ada = gpt2("adasplash")
-    with pytest.raises(ValueError, match="right-padded"):
-        ada(jnp.zeros((1, 4), jnp.int32), jnp.array([[0, 1, 1, 1]]))
+
+
+def test_adasplash_takes_left_padding_like_entmax():
+    """The Pallas path folds a key-padding mask into segment ids: left padding works, traced too."""
+    model = gpt2("adasplash")
+    ids = jnp.array([[5, 9, 3, 7, 1], [2, 4, 6, 8, 10]])
+    mask = jnp.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    got = nnx.jit(lambda m, i, a: m(i, a))(model, ids, mask)
+    set_attention_fn(model, make_attention_fn("entmax"))
+    want = model(ids, mask)
+    valid = np.asarray(mask, bool)
+    np.testing.assert_allclose(np.asarray(got)[valid], np.asarray(want)[valid], rtol=1e-4, atol=1e-4)

@@ -73,6 +73,10 @@ CASES = {
     "head_dim_256": (1, 20, 20, 1, 1, 256, dict(is_causal=True)),
     "head_dim_100": (1, 24, 24, 1, 1, 100, {}),
     "decode_one_query": (2, 1, 37, 2, 1, 16, dict(key_value_seq_lengths=jnp.array([37, 20]))),
+    "key_padding_mask_left": (2, 30, 30, 2, 2, 16, dict(is_causal=True, mask=(jnp.arange(30) >= jnp.array(
+        [[7], [0]]))[:, None, None, :])),
+    "query_mask_with_segments": (1, 40, 40, 2, 1, 16, dict(mask=(jnp.arange(40) % 3 != 0)[None, None, :, None],
+                                                            segment_ids=jnp.array([[0] * 25 + [1] * 15]))),
 }
 
 
@@ -212,6 +216,8 @@ def test_bad_input_errors():
     q, k, v = make_qkv(1, 16, 16, 2, 2, 16)
     with pytest.raises(ValueError, match="mask"):
         entmax_attention(q, k, v, mask=jnp.ones((1, 2, 16, 16), bool), implementation="pallas")
+    with pytest.raises(ValueError, match="mask"):
+        entmax_attention(q, k, v, mask=jnp.ones((1, 1, 16, 16), bool), implementation="pallas")
     big = jnp.zeros((1, 16, 1, 512))
     with pytest.raises(ValueError, match="head_dim"):
         entmax_attention(big, big, big, implementation="pallas")
