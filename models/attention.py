@@ -12,14 +12,14 @@ Pallas call) without touching parameters.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from adasplash_jax import entmax, entmax_attention
+from adasplash_jax import entmax_attention
+from adasplash_jax.attention import check_attention_inputs, dense_attention, dense_keep_mask
 
 ATTENTION_KINDS = ("softmax", "entmax", "adasplash")
 # Learned α = ALPHA_MIN + (2 - ALPHA_MIN)·sigmoid(logit): strictly above 1 even in float32
@@ -207,31 +207,22 @@ class SelfAttention(nnx.Module):
         return self.o(y.reshape(B, T, -1)), new_cache, probs
 
 
-def keep_mask(T: int, S: int, *, mask=None, kv_lengths=None, is_causal=False):
-    """Boolean [B or 1, 1, T, S]: which (query, key) pairs may attend."""
-    keep = jnp.ones((1, 1, T, S), jnp.bool_)
-    if is_causal:
-        keep = keep & (jnp.arange(S)[None, :] <= jnp.arange(T)[:, None])
-    if kv_lengths is not None:
-        keep = keep & (jnp.arange(S)[None, None, None, :] < kv_lengths[:, None, None, None])
-    if mask is not None:
-        keep = keep & mask
-    return keep
-
-
 def attention_probabilities(kind, q, k, alpha, *, mask=None, kv_lengths=None, is_causal=False):
-    """Dense attention probabilities [B, N, T, S] in float32 (for inspection)."""
-    T, S = q.shape[1], k.shape[1]
-    scores = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32)
-    scores = scores / jnp.float32(math.sqrt(q.shape[-1]))
-    keep = keep_mask(T, S, mask=mask, kv_lengths=kv_lengths, is_causal=is_causal)
-    if kind == "softmax":
-        probs = jax.nn.softmax(jnp.where(keep, scores, jnp.finfo(jnp.float32).min), axis=-1)
-        return jnp.where(keep, probs, 0.0)
-    a = alpha if isinstance(alpha, float) else jnp.asarray(alpha, jnp.float32)
-    if not isinstance(a, float) and a.ndim == 1:
-        a = a[:, None]  # one α per head, broadcast over [B, N, T]
-    return entmax(jnp.where(keep, scores, -jnp.inf), a, axis=-1)
+    """Dense attention probabilities [B, N, T, S] in float32 (for inspection).
+
+    Masks and scores come from the library's dense path, so they match what the
+    attention functions compute.
+    """
+    inp = check_attention_inputs(
+        q, k, k, alpha=1.5 if kind == "softmax" else alpha, mask=mask, is_causal=is_causal, scale=None,
+        query_seq_lengths=None, key_value_seq_lengths=kv_lengths, segment_ids=None,
+    )
+    if kind != "softmax":
+        return dense_attention(inp, return_probabilities=True)[1]
+    scores = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * inp.scale
+    keep = dense_keep_mask(inp)
+    probs = jax.nn.softmax(jnp.where(keep, scores, jnp.finfo(jnp.float32).min), axis=-1)
+    return jnp.where(keep, probs, 0.0)
 
 
 # --------------------------------------------------------------------------- padding masks
