@@ -169,7 +169,7 @@ def _to_hf(op: str, arrays: list[np.ndarray]) -> np.ndarray:
 
 def from_pretrained(
     path: str,
-    attention: str = "softmax",
+    attention: str | None = None,
     alpha=None,
     dtype=None,
     *,
@@ -180,7 +180,8 @@ def from_pretrained(
 
     Args:
       path: directory with config.json and model.safetensors (or pytorch_model.bin).
-      attention: "softmax", "entmax" or "adasplash".
+      attention: "softmax", "entmax" or "adasplash"; None takes the kind saved by
+        :func:`save_pretrained` if any, else "softmax".
       alpha: α for entmax attention: float, per layer tuple, or per layer and head; None
         takes the α saved by :func:`save_pretrained` if any, else 1.5.
       dtype: compute dtype (parameters stay ``param_dtype``, float32 unless overridden).
@@ -208,6 +209,10 @@ def from_pretrained(
     if alpha is None:
         alpha = saved.get("alpha", 1.5)
         alpha = tuple(tuple(a) if isinstance(a, list) else a for a in alpha) if isinstance(alpha, list) else alpha
+    if attention is None:
+        attention = saved.get("attention", "softmax")
+    if "learn_alpha" not in config_overrides and "learn_alpha" in saved:
+        config_overrides["learn_alpha"] = bool(saved["learn_alpha"])
     overrides = dict(attention=attention, alpha=alpha, **config_overrides)
     if dtype is not None:
         overrides["dtype"] = dtype
@@ -267,7 +272,7 @@ def save_pretrained(model, path: str) -> None:
         alpha = [np.asarray(layer.current_alpha(), np.float64).tolist() for layer in attention_layers(model)]
     else:
         alpha = model.config.alpha  # float or (nested) tuple, exactly as configured
-    hf[_CONFIG_KEY] = {"attention": model.config.attention, "alpha": alpha}
+    hf[_CONFIG_KEY] = {"attention": model.config.attention, "alpha": alpha, "learn_alpha": model.config.learn_alpha}
     tensors = {}
     for name, paths, op in family.hf_weight_map(model.config, arch):
         arrays = [np.asarray(jax.device_get(_variable(model, p)[...]), np.float32) for p in paths]

@@ -92,8 +92,8 @@ def test_gpt2_round_trip_reproduces_weights(gpt2_dir, tmp_path):
     back, info = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path), output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     _state_dicts_equal(ref, back)
-    again = from_pretrained(str(tmp_path), attention="entmax")  # α comes back from config.json
-    assert again.config.alpha == 1.7
+    again = from_pretrained(str(tmp_path))  # attention kind and α come back from config.json
+    assert again.config.attention == "entmax" and again.config.alpha == 1.7
     x = jnp.asarray(_ids((1, 8)))
     np.testing.assert_allclose(again(x), model(x), atol=1e-6)
 
@@ -208,7 +208,8 @@ def test_learned_alpha_survives_save_and_load(tmp_path):
     layer = model.bert.layers[1].attention
     layer.alpha_logit[...] = jnp.array([-1.0, 0.0, 0.5, 2.0])
     save_pretrained(model, str(tmp_path / "ours"))
-    again = from_pretrained(str(tmp_path / "ours"), attention="entmax", learn_alpha=True)
+    again = from_pretrained(str(tmp_path / "ours"))  # kind, α and learn_alpha from config.json
+    assert again.config.learn_alpha and again.config.attention == "entmax"
     np.testing.assert_allclose(again.bert.layers[1].attention.current_alpha(), layer.current_alpha(), atol=1e-5)
     x = jnp.asarray(_ids((2, 6)))
     np.testing.assert_allclose(again(x), model(x), atol=1e-5)
