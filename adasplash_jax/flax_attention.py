@@ -84,11 +84,16 @@ def flax_entmax_attention(
             mask = mask != 0  # Flax builds float masks (1 keeps, 0 drops)
         full = batch_shape + (N, T, S)
         try:
-            mask = jnp.broadcast_to(mask, jnp.broadcast_shapes(mask.shape, full))
+            ok = len(mask.shape) <= len(full) and jnp.broadcast_shapes(mask.shape, full) == full
         except ValueError:
-            raise ValueError(
-                f"flax_entmax_attention: `mask` {mask.shape} is not broadcastable to {full}"
-            ) from None
+            ok = False
+        if not ok:
+            raise ValueError(f"flax_entmax_attention: `mask` {mask.shape} is not broadcastable to {full}")
+        # Broadcast the batch dims only: head/query/key dims of size 1 stay 1, so a key-padding
+        # mask [..., 1, 1, S] still reads as one (the Pallas path takes those).
+        mask = mask.reshape((1,) * (len(full) - mask.ndim) + mask.shape)
+        if any(d != 1 for d in mask.shape[: len(batch_shape)]):
+            mask = jnp.broadcast_to(mask, batch_shape + mask.shape[len(batch_shape):])
         mask = mask.reshape((-1,) + mask.shape[-3:])
     q, k, v = (_flatten_batch(t, batch_shape) for t in (query, key, value))
     out_dtype = dtype or query.dtype

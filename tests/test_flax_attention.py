@@ -115,3 +115,12 @@ def test_sow_weights_in_nnx():
     assert probs.shape == (1, 2, 5, 5)
     np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
     assert np.any(probs == 0)
+
+
+def test_key_padding_mask_reaches_the_pallas_path():
+    """Flax's [B, 1, 1, S] padding mask keeps its shape, so the Pallas path accepts it."""
+    q = jax.random.normal(jax.random.key(0), (2, 16, 2, 16))
+    mask = (jnp.arange(16) >= jnp.array([[3], [0]]))[:, None, None, :].astype(jnp.float32)
+    got = flax_entmax_attention(q, q, q, mask=mask, implementation="pallas")
+    want = flax_entmax_attention(q, q, q, mask=mask, implementation="xla")
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
