@@ -43,10 +43,6 @@ class AttentionInputs:
         return self.query.shape[2] // self.key.shape[2]
 
 
-def _is_concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
-
-
 def _check_int_array(x, name: str, shape: tuple[int, ...], what: str):
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.integer):
@@ -108,10 +104,6 @@ def check_attention_inputs(
             raise ValueError(
                 f"`alpha` must be a float or an array of shape [num_heads] = ({N},), got shape {alpha.shape}"
             )
-        if _is_concrete(alpha):
-            a = np.asarray(alpha)
-            if not np.all((a > 1.0) & (a <= 2.0)):
-                raise ValueError(f"every `alpha` must lie in (1, 2], got {a}")
 
     if mask is not None:
         mask = jnp.asarray(mask)

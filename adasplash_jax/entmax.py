@@ -51,7 +51,7 @@ _PREDICT = 1e-4
 
 
 def check_alpha(alpha, name: str = "alpha"):
-    """Validates a Python-number α (1 < α ≤ 2). Arrays are checked only for dtype."""
+    """Validates α: 1 < α ≤ 2 for Python numbers and concrete arrays (traced arrays: dtype only)."""
     if isinstance(alpha, bool):
         raise ValueError(f"`{name}` must be a float in (1, 2], got a bool")
     if isinstance(alpha, numbers.Real):
@@ -64,6 +64,10 @@ def check_alpha(alpha, name: str = "alpha"):
     arr = jnp.asarray(alpha)
     if not jnp.issubdtype(arr.dtype, jnp.floating):
         raise ValueError(f"`{name}` must be a float or a floating array, got dtype {arr.dtype}")
+    if not isinstance(arr, jax.core.Tracer):  # values are checked whenever they are known
+        values = np.asarray(arr)
+        if not np.all((values > 1.0) & (values <= 2.0)):
+            raise ValueError(f"every `{name}` must lie in (1, 2], got {values}")
     return arr
 
 

@@ -26,6 +26,10 @@ def _check_labels(logits, labels):
         raise ValueError(f"`labels` must hold integer class ids, got dtype {labels.dtype}")
     if labels.shape != logits.shape[:-1]:
         raise ValueError(f"`labels` must have shape {logits.shape[:-1]} (logits without the class axis), got {labels.shape}")
+    if not isinstance(labels, jax.core.Tracer) and labels.size:
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= logits.shape[-1]:
+            raise ValueError(f"`labels` must be class ids in [0, {logits.shape[-1]}), got values in [{lo}, {hi}]")
     return logits, labels
 
 

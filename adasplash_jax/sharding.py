@@ -62,6 +62,8 @@ def shard_attention(fn: Callable, mesh: Mesh, batch_axes: Sequence[str] = ("data
         add("key", key, qkv)
         add("value", value, qkv)
         static = dict(kwargs)
+        if isinstance(alpha, (tuple, list)):  # per-head values: an array, so that it is sliced per head shard
+            alpha = np.asarray(alpha, np.float32)
         if isinstance(alpha, jax.Array | np.ndarray):
             alpha_arr = jax.numpy.asarray(alpha)
             if alpha_arr.ndim == 0:

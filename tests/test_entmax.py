@@ -350,3 +350,9 @@ def test_entry_just_above_threshold(alpha):
     x[:, 0] = (tau + 1e-6) / (alpha - 1)  # lands in the support by a hair
     x = x.astype(np.float32)
     np.testing.assert_allclose(np.asarray(entmax(x, alpha)), torch_entmax(x, alpha), atol=2e-6)
+
+
+@pytest.mark.parametrize("bad", [1.0, 0.5, 2.5])
+def test_concrete_alpha_array_outside_range_is_rejected(bad):
+    with pytest.raises(ValueError, match="alpha"):
+        entmax(jnp.ones((2, 3)), jnp.array([1.5, bad]))

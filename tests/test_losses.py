@@ -121,3 +121,11 @@ def test_gold_class_with_minus_inf_logit_has_infinite_loss():
     loss = entmax_loss(logits, jnp.array([1, 0]), alpha=1.5)
     assert loss[0] == jnp.inf
     assert np.isfinite(float(loss[1]))
+
+
+def test_out_of_range_labels_are_rejected():
+    logits = jnp.zeros((2, 3))
+    with pytest.raises(ValueError, match="labels"):
+        entmax_loss(logits, jnp.array([0, 3]))
+    with pytest.raises(ValueError, match="labels"):
+        sparsemax_loss(logits, jnp.array([-1, 0]))

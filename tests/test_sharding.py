@@ -75,3 +75,13 @@ def test_pallas_kernel_under_shard_map():
     out = jax.jit(lambda q, k, v: f(q, k, v, alpha=1.5, is_causal=True))(q, k, v)
     ref = entmax_attention(q, k, v, alpha=1.5, is_causal=True, implementation="xla")
     np.testing.assert_allclose(out, ref, atol=1e-4)
+
+
+def test_per_head_alpha_tuple_is_sliced_per_head_shard():
+    mesh = mesh_of((2, 2), ("data", "heads"))
+    f = shard_attention(entmax_attention, mesh, batch_axes=("data",), head_axis="heads")
+    q, k, v = qkv()
+    alpha = (1.2, 1.5, 1.8, 2.0)
+    ref = entmax_attention(q, k, v, alpha=jnp.array(alpha), is_causal=True)
+    out = jax.jit(lambda q, k, v: f(q, k, v, alpha=alpha, is_causal=True))(q, k, v)
+    np.testing.assert_allclose(out, ref, atol=1e-5)
