@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -111,9 +112,10 @@ class Checkpointer:
                     got = restored[name]
                     if got.shape != x.shape or got.dtype != x.dtype:
                         raise ValueError(f"{name}: stored {got.shape} {got.dtype}, expected {x.shape} {x.dtype}")
-                    if not bool(np.isfinite(np.asarray(got, np.float32)).all()) and jax.numpy.issubdtype(
-                            got.dtype, jax.numpy.floating):
-                        raise ValueError(f"{name}: non-finite values")
+                floating = {n: a for n, a in restored.items() if jax.numpy.issubdtype(a.dtype, jax.numpy.floating)}
+                finite = _finite_leaves(floating, repl)  # on device: works for arrays sharded over hosts
+                if not all(finite.values()):
+                    raise ValueError(f"{[n for n, ok in finite.items() if not ok][0]}: non-finite values")
             except Exception as e:  # noqa: BLE001
                 self._discard(step, e)
                 continue
@@ -125,15 +127,28 @@ class Checkpointer:
 
     def _discard(self, step: int, error: Exception) -> None:
         bad = self.directory.parent / (self.directory.name + "-corrupt")
-        bad.mkdir(exist_ok=True)
         target = bad / f"{step}"
-        if target.exists():
-            shutil.rmtree(target)
         msg = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
         self.log(f"checkpoint at step {step} is corrupt or incomplete ({type(error).__name__}: {msg}); moved to "
                  f"{target}; trying the previous one")
-        shutil.move(str(self.directory / str(step)), str(target))
+        if jax.process_index() == 0:  # one process moves the shared folder; the others wait for it
+            bad.mkdir(exist_ok=True)
+            if target.exists():
+                shutil.rmtree(target)
+            shutil.move(str(self.directory / str(step)), str(target))
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"discard checkpoint {step}")
         self.mngr.reload()
+
+
+def _finite_leaves(arrays: dict, replicated) -> dict:
+    """{name: all values finite}, reduced on device with a replicated result (no host copy of the state)."""
+    if not arrays:
+        return {}
+    names = list(arrays)
+    flags = jax.jit(lambda xs: jax.numpy.stack([jax.numpy.all(jax.numpy.isfinite(x)) for x in xs]),
+                    out_shardings=replicated)([arrays[n] for n in names])
+    return dict(zip(names, np.asarray(flags).tolist()))
 
 
 __all__ = ["Checkpointer", "flatten_state", "RESUMABLE_FIELDS"]
