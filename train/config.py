@@ -14,6 +14,8 @@ import types
 import typing
 from dataclasses import dataclass, fields
 
+import jax
+
 
 class ConfigError(ValueError):
     """A bad configuration value; the message starts with the field name."""
@@ -157,6 +159,9 @@ def validate(cfg: TrainConfig, *, presets: typing.Iterable[str], num_devices: in
     n_mesh = axes["data"] * axes["fsdp"]
     if n_mesh > num_devices:
         raise ConfigError("mesh", f"{cfg.mesh!r} needs {n_mesh} devices but only {num_devices} are visible")
+    if jax.process_count() > 1 and n_mesh != num_devices:
+        raise ConfigError("mesh", f"{cfg.mesh!r} covers {n_mesh} of the {num_devices} devices of this "
+                          f"{jax.process_count()}-process run; the mesh must span every process's devices")
     if cfg.micro_batch_size % n_mesh:
         raise ConfigError(
             "batch_size",
