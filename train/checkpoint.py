@@ -82,6 +82,10 @@ class Checkpointer:
 
     def _check_config(self, saved: dict, cfg: TrainConfig, step: int) -> None:
         now = dataclasses.asdict(cfg)
+        if "steps" in saved and saved["steps"] != now["steps"]:
+            self.log(f"note: --steps changed from {saved['steps']} to {now['steps']} since step {step}: the cosine "
+                     "decay (and a default-length α anneal) now follow the new total, so the run no longer "
+                     "replays the original schedule")
         for k, v in saved.items():
             if k in RESUMABLE_FIELDS or k not in now:
                 continue
