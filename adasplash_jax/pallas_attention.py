@@ -634,16 +634,26 @@ def _attention(cfg, q, k, v, alpha, q_len, kv_len, q_seg, kv_seg):
 
 
 def _attention_fwd(cfg, q, k, v, alpha, q_len, kv_len, q_seg, kv_seg):
+    # symbolic_zeros=True: every primal comes wrapped with a `perturbed` flag. The α-gradient
+    # terms of the dQ kernel are computed only when α is actually differentiated (learned α),
+    # not when it is merely traced (e.g. annealed inside a jitted train step).
+    alpha_grad = cfg.alpha_static is None and alpha.perturbed
+    q, k, v, alpha, q_len, kv_len, q_seg, kv_seg = jax.tree.map(
+        lambda a: a.value, (q, k, v, alpha, q_len, kv_len, q_seg, kv_seg),
+        is_leaf=lambda a: isinstance(a, jax.custom_derivatives.CustomVJPPrimal))
     (out, out_tilde, *_), stats = _forward(cfg, alpha, q_len, kv_len, q, k, v, q_seg, kv_seg, with_residual=True)
     residuals = (q, k, v, alpha, q_len, kv_len, q_seg, kv_seg, out_tilde,
-                 {key: stats[key] for key in ("tau", "norm", "inv_norm", "block_mask", "q_counts", "q_lists")})
+                 {key: stats[key] for key in ("tau", "norm", "inv_norm", "block_mask", "q_counts", "q_lists")},
+                 jnp.zeros(()) if alpha_grad else None)
     return (out, _public_stats(stats)), residuals
 
 
 def _attention_bwd(cfg, residuals, cotangents):
-    q, k, v, alpha, q_len, kv_len, q_seg, kv_seg, out_tilde, stats = residuals
+    q, k, v, alpha, q_len, kv_len, q_seg, kv_seg, out_tilde, stats, alpha_grad_flag = residuals
     d_out = cotangents[0]
-    with_alpha_grad = cfg.alpha_static is None
+    if isinstance(d_out, jax.custom_derivatives.SymbolicZero):
+        d_out = jnp.zeros(d_out.shape, d_out.dtype)
+    with_alpha_grad = alpha_grad_flag is not None
     (dk, dv, *_), (dq, *rest), _ = _backward(
         cfg, alpha, q_len, kv_len, q, k, v, q_seg, kv_seg, stats, out_tilde, d_out, with_alpha_grad
     )
@@ -651,7 +661,7 @@ def _attention_bwd(cfg, residuals, cotangents):
     return dq, dk, dv, d_alpha, None, None, None, None
 
 
-_attention.defvjp(_attention_fwd, _attention_bwd)
+_attention.defvjp(_attention_fwd, _attention_bwd, symbolic_zeros=True)
 
 
 def _public_stats(stats):

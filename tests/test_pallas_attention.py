@@ -317,3 +317,28 @@ def test_gpu_matches_dense_long(dtype, L, causal):
     assert_close(out, ref_out, dtype, "output")
     for what, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
         assert_close(g, r, dtype, what)
+
+
+def test_alpha_gradient_terms_only_when_alpha_is_differentiated(monkeypatch):
+    """A traced but undifferentiated per-head α (e.g. annealed in a train step) skips the α terms."""
+    import sys
+
+    module = sys.modules["adasplash_jax.pallas_attention"]
+    seen = []
+    backward = module._backward
+
+    def spy(*args):
+        seen.append(args[-1])  # with_alpha_grad
+        return backward(*args)
+
+    monkeypatch.setattr(module, "_backward", spy)
+    q, k, v = make_qkv(1, 32, 32, 2, 2, 16)
+    alpha = jnp.array([1.3, 1.7])
+
+    def loss(q, alpha):
+        return run("pallas", q, k, v, alpha=alpha).sum()
+
+    dq_only = jax.jit(jax.grad(loss))(q, alpha)
+    dq_both, _ = jax.jit(jax.grad(loss, argnums=(0, 1)))(q, alpha)
+    assert seen == [False, True]
+    np.testing.assert_allclose(dq_only, dq_both, rtol=1e-6)
