@@ -6,7 +6,6 @@ import jax.numpy as jnp
 import numpy as np
 
 
-
 def attention_maps(model, input_ids, attention_mask=None, **call_kwargs):
     """Attention probabilities of every layer, float32 [n_layers, batch, heads, T, T].
 
@@ -24,8 +23,11 @@ def attention_sparsity(model, input_ids, attention_mask=None, **call_kwargs):
     given, only pairs of a non-padded query and a non-padded key (padded query rows are
     junk and not counted). Pure JAX, so it can run under ``jax.jit``/``nnx.jit``.
     """
-    probs = attention_maps(model, input_ids, attention_mask, **call_kwargs)  # [L, B, N, T, S]
-    L, B, N, T, S = probs.shape
+    # Each layer's map is reduced on its own (never stacked), so under jit only one
+    # [B, N, T, S] map needs to be alive at a time.
+    _, layer_probs = model(input_ids, attention_mask, output_attentions=True, **call_kwargs)
+    L = len(layer_probs)
+    B, N, T, S = layer_probs[0].shape
     if model.config.attention == "softmax":
         return jnp.zeros((L, N), jnp.float32)
     keep = jnp.ones((B, 1, T, S), jnp.bool_)
@@ -35,7 +37,7 @@ def attention_sparsity(model, input_ids, attention_mask=None, **call_kwargs):
         valid = jnp.asarray(attention_mask).astype(bool)
         keep = keep & valid[:, None, None, :] & valid[:, None, :, None]
     keep = jnp.broadcast_to(keep, (B, N, T, S))
-    zeros = ((probs == 0) & keep).sum(axis=(1, 3, 4)).astype(jnp.float32)
+    zeros = jnp.stack([((p == 0) & keep).sum(axis=(0, 2, 3)) for p in layer_probs]).astype(jnp.float32)
     return zeros / jnp.maximum(keep.sum(axis=(0, 2, 3)).astype(jnp.float32), 1.0)
 
 
