@@ -243,7 +243,9 @@ class GPT2LMHeadModel(nnx.Module):
         p = jnp.float32(1.0 if top_p is None else top_p)
         graphdef, state = nnx.split(self)
         static = dict(graphdef=graphdef, greedy=greedy)
-        cache = self.init_cache(B, T + max_new_tokens)
+        # Cache length rounded up to a multiple of 64 (slots past the written ones are masked by
+        # the kv lengths), so different prompt / generation lengths reuse one compiled decode step.
+        cache = self.init_cache(B, min(c.n_positions, -(-(T + max_new_tokens) // 64) * 64))
         rng, key = jax.random.split(rng)
         tok, cache = _prefill(state, input_ids, cache, alpha, key, temp, k, p, **static)
         out = [tok]
