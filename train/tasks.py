@@ -66,11 +66,8 @@ def _token_loss(logits, batch):
     return (ce * w).sum(), correct
 
 
-def lm_loss(model, batch, alpha, deterministic):
-    return _token_loss(model(batch["input_ids"], alpha=alpha, deterministic=deterministic), batch)
-
-
-def mlm_loss(model, batch, alpha, deterministic):
+def token_loss(model, batch, alpha, deterministic):
+    """Summed cross-entropy of per-token targets (causal LM and masked LM alike; weights pick the tokens)."""
     return _token_loss(model(batch["input_ids"], alpha=alpha, deterministic=deterministic), batch)
 
 
@@ -153,7 +150,7 @@ def make_task(cfg: TrainConfig, *, log=print) -> Task:
             mcfg = gpt2_config(cfg, vocab)
         positions, model_vocab = mcfg.n_positions, mcfg.vocab_size
         batches = LMBatches(corpus, cfg.seq_len, cfg.seed) if cfg.seq_len <= positions else None
-        loss, classification = lm_loss, False
+        loss, classification = token_loss, False
         desc = f"GPT-2 causal LM ({cfg.init_from or cfg.preset}, {mcfg.n_layer} layers × {mcfg.n_embd})"
     else:
         num_labels = cfg.num_labels if cfg.task == "classify" else 2
@@ -170,7 +167,7 @@ def make_task(cfg: TrainConfig, *, log=print) -> Task:
         positions, model_vocab = mcfg.max_position_embeddings, mcfg.vocab_size
         if cfg.task == "mlm":
             batches = MLMBatches(corpus, cfg.seq_len, cfg.seed, cfg.mlm_prob) if cfg.seq_len <= positions else None
-            loss, classification = mlm_loss, False
+            loss, classification = token_loss, False
         else:
             try:
                 batches = ClassifyBatches(corpus, cfg.seq_len, cfg.seed, cfg.num_labels)
