@@ -187,6 +187,12 @@ class SelfAttention(nnx.Module):
         q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
         new_cache = None
         if cache is not None:
+            if T > 1 and not (isinstance(cache_index, int) and cache_index == 0):
+                # The causal mask is top-left aligned: only a prefill from position 0 is right.
+                raise ValueError(
+                    f"a {T}-token call with a KV cache must be the prefill at cache_index=0, got {cache_index!r}; "
+                    "feed later tokens one at a time"
+                )
             k_cache, v_cache = cache
             idx = jnp.asarray(cache_index, jnp.int32)
             k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, idx, 0, 0))
