@@ -18,6 +18,8 @@ materialises them.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -139,39 +141,9 @@ def flax_entmax_attention(
 
 
 def make_flax_attention_fn(alpha=1.5, implementation: str | None = None):
-    """An ``attention_fn`` for Flax attention modules with α and the implementation fixed."""
+    """An ``attention_fn`` for Flax attention modules with α and the implementation fixed.
 
-    def attention_fn(
-        query,
-        key,
-        value,
-        bias=None,
-        mask=None,
-        broadcast_dropout: bool = True,
-        dropout_rng=None,
-        dropout_rate: float = 0.0,
-        deterministic: bool = False,
-        dtype=None,
-        precision=None,
-        module=None,
-        is_causal: bool = False,
-    ):
-        return flax_entmax_attention(
-            query,
-            key,
-            value,
-            bias=bias,
-            mask=mask,
-            broadcast_dropout=broadcast_dropout,
-            dropout_rng=dropout_rng,
-            dropout_rate=dropout_rate,
-            deterministic=deterministic,
-            dtype=dtype,
-            precision=precision,
-            module=module,
-            is_causal=is_causal,
-            alpha=alpha,
-            implementation=implementation,
-        )
-
-    return attention_fn
+    A ``functools.partial``: its signature still names every Flax keyword, which Linen
+    filters its call by.
+    """
+    return functools.partial(flax_entmax_attention, alpha=alpha, implementation=implementation)
