@@ -5,6 +5,7 @@
 The defaults are the CPU benchmark (tiny preset, softmax vs dense entmax). On a GPU the same script times the
 issue's GPT-2 124M comparison, e.g.
     python benchmarks/train_cpu.py --preset gpt2 --seq-len 1024 --batch-size 8 --kinds softmax adasplash
+    python benchmarks/train_cpu.py --preset gpt2 --positions 8192 --seq-len 8192 --batch-size 1 --kinds softmax adasplash
 
 For each attention kind: builds the same model and train step as ``python -m train.gpt2`` (or ``train.bert``),
 compiles it and runs warm-up steps, then times ``--steps`` steps one at a time (each waited for, the two kinds
@@ -33,7 +34,7 @@ class Runner:
 
     def __init__(self, kind: str, args):
         self.kind = kind
-        self.cfg = TrainConfig(task=args.task, preset=args.preset, attention=kind, alpha=args.alpha,
+        self.cfg = TrainConfig(task=args.task, preset=args.preset, positions=args.positions, attention=kind, alpha=args.alpha,
                                batch_size=args.batch_size, seq_len=args.seq_len, steps=args.warmup + args.steps,
                                progress=False, out=tempfile.mkdtemp(prefix="bench-"))
         self.s = setup(self.cfg, make_task(self.cfg, log=lambda *_: None))
@@ -71,6 +72,7 @@ def main(argv=None) -> int:
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--alpha", type=float, default=1.5)
     p.add_argument("--preset", default="tiny")
+    p.add_argument("--positions", type=int, default=None, help="position table size (long context, e.g. 8192)")
     p.add_argument("--kinds", nargs=2, default=["softmax", "entmax"], metavar=("BASELINE", "OTHER"),
                    choices=["softmax", "entmax", "adasplash"], help="the two attention kinds to compare")
     args = p.parse_args(argv)

@@ -245,3 +245,15 @@ def test_init_from_a_hugging_face_folder(tmp_path):
     with pytest.raises(ConfigError) as e:
         make_task(dataclasses.replace(cfg, init_from=str(tmp_path / "small_vocab")), log=lambda *_: None)
     assert e.value.field == "init_from"
+
+
+def test_positions_override_and_its_validation():
+    from train.config import validate
+    from train.tasks import gpt2_config
+
+    cfg = TrainConfig(preset="tiny", positions=512, seq_len=400)
+    assert gpt2_config(cfg, 256).n_positions == 512
+    with pytest.raises(ValueError, match="positions"):
+        validate(TrainConfig(positions=0), presets=("tiny",), num_devices=1)
+    with pytest.raises(ValueError, match="positions"):
+        validate(TrainConfig(positions=512, init_from="/some/checkpoint"), presets=("tiny",), num_devices=1)

@@ -36,6 +36,7 @@ class TrainConfig:
     alpha_start: float | None = None  # anneal α linearly from this value (near 1) to `alpha`
     alpha_anneal_steps: int | None = None  # length of the annealing; default: half of `steps`
     dropout: float | None = None  # None keeps the preset's value
+    positions: int | None = None  # size of the position table; None keeps the preset's (e.g. 8192 for long context)
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
     num_labels: int = 8  # classify: number of classes (top-level packages of the corpus)
     mlm_prob: float = 0.15  # mlm: fraction of positions masked
@@ -117,6 +118,9 @@ def validate(cfg: TrainConfig, *, presets: typing.Iterable[str], num_devices: in
     presets = tuple(presets)
     if cfg.task not in TASKS:
         raise ConfigError("task", f"unknown task {cfg.task!r}; choose from {TASKS}")
+    if cfg.positions is not None and (cfg.positions < 1 or cfg.init_from is not None):
+        raise ConfigError("positions", f"must be ≥ 1 and is for presets only (a checkpoint's position table is fixed), "
+                          f"got {cfg.positions} with init_from={cfg.init_from!r}")
     if cfg.init_from is None and cfg.preset not in presets:
         raise ConfigError("preset", f"unknown preset {cfg.preset!r}; choose from {presets}")
     if cfg.attention not in ATTENTIONS:

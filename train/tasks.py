@@ -43,16 +43,21 @@ def gpt2_config(cfg: TrainConfig, vocab_size: int):
     from models import GPT2Config
 
     base = "tiny" if cfg.preset in _GPT2_OVERRIDES else cfg.preset
-    return GPT2Config.preset(base, vocab_size=vocab_size, **_GPT2_OVERRIDES.get(cfg.preset, {}),
-                             **_common_overrides(cfg))
+    overrides = dict(_GPT2_OVERRIDES.get(cfg.preset, {}))
+    if cfg.positions is not None:
+        overrides["n_positions"] = cfg.positions
+    return GPT2Config.preset(base, vocab_size=vocab_size, **overrides, **_common_overrides(cfg))
 
 
 def bert_config(cfg: TrainConfig, vocab_size: int, num_labels: int = 2):
     from models import BertConfig
 
     base = "tiny" if cfg.preset in _BERT_OVERRIDES else cfg.preset
-    return BertConfig.preset(base, vocab_size=vocab_size, num_labels=num_labels,
-                             **_BERT_OVERRIDES.get(cfg.preset, {}), **_common_overrides(cfg))
+    overrides = dict(_BERT_OVERRIDES.get(cfg.preset, {}))
+    if cfg.positions is not None:
+        overrides["max_position_embeddings"] = cfg.positions
+    return BertConfig.preset(base, vocab_size=vocab_size, num_labels=num_labels, **overrides,
+                             **_common_overrides(cfg))
 
 
 # ------------------------------------------------------------------------------------------------------ losses
