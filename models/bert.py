@@ -51,14 +51,8 @@ class BertConfig:
             self, "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
             "intermediate_size", "max_position_embeddings", "type_vocab_size", "num_labels",
         )
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"BertConfig.hidden_size ({self.hidden_size}) must be divisible by "
-                f"num_attention_heads ({self.num_attention_heads})"
-            )
-        if not self.layer_norm_eps > 0:
-            raise ValueError(f"BertConfig.layer_norm_eps must be > 0, got {self.layer_norm_eps}")
-        check_common(self, self.num_hidden_layers, self.num_attention_heads, "hidden_act")
+        check_common(self, layers="num_hidden_layers", heads="num_attention_heads", width="hidden_size",
+                     eps="layer_norm_eps", activation="hidden_act")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "BertConfig":

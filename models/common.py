@@ -27,9 +27,15 @@ def positive_int(cfg, *names: str):
             raise ValueError(f"{type(cfg).__name__}.{name} must be a positive int, got {v!r}")
 
 
-def check_common(cfg, n_layer: int, n_head: int, activation_field: str) -> None:
-    """Fields every family shares: attention kind, α, dropout, dtypes, activation."""
+def check_common(cfg, *, layers: str, heads: str, width: str, eps: str, activation: str) -> None:
+    """Fields every family shares (given by their names in this family): width divisible by heads,
+    layer-norm eps, attention kind, α, dropout, dtypes, activation."""
     name = type(cfg).__name__
+    n_layer, n_head, d = getattr(cfg, layers), getattr(cfg, heads), getattr(cfg, width)
+    if d % n_head:
+        raise ValueError(f"{name}.{width} ({d}) must be divisible by {heads} ({n_head})")
+    if not getattr(cfg, eps) > 0:
+        raise ValueError(f"{name}.{eps} must be > 0, got {getattr(cfg, eps)}")
     if cfg.attention not in ATTENTION_KINDS:
         raise ValueError(f"{name}.attention must be one of {ATTENTION_KINDS}, got {cfg.attention!r}")
     object.__setattr__(cfg, "alpha", check_alpha_config(cfg.alpha, n_layer, n_head, f"{name}.alpha"))
@@ -44,9 +50,9 @@ def check_common(cfg, n_layer: int, n_head: int, activation_field: str) -> None:
             raise ValueError(f"{name}.{f} must be a dtype, got {getattr(cfg, f)!r}") from None
         if not jnp.issubdtype(dt, jnp.floating):
             raise ValueError(f"{name}.{f} must be a floating dtype, got {dt}")
-    act = getattr(cfg, activation_field)
+    act = getattr(cfg, activation)
     if act not in ACTIVATIONS:
-        raise ValueError(f"{name}.{activation_field} must be one of {sorted(ACTIVATIONS)}, got {act!r}")
+        raise ValueError(f"{name}.{activation} must be one of {sorted(ACTIVATIONS)}, got {act!r}")
 
 
 def preset(cls, presets: dict[str, dict[str, Any]], name: str, **overrides):

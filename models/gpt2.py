@@ -53,11 +53,8 @@ class GPT2Config:
         positive_int(self, "vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
         if self.n_inner is not None:
             positive_int(self, "n_inner")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"GPT2Config.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if not self.layer_norm_epsilon > 0:
-            raise ValueError(f"GPT2Config.layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon}")
-        check_common(self, self.n_layer, self.n_head, "activation_function")
+        check_common(self, layers="n_layer", heads="n_head", width="n_embd", eps="layer_norm_epsilon",
+                     activation="activation_function")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "GPT2Config":
