@@ -43,10 +43,8 @@ def implementations(causal: bool, alpha: float, on_gpu: bool):
         impls["cudnn"] = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
         from jax.experimental.pallas.ops.gpu import attention as pallas_softmax
 
-        scale = None
-
         def pallas_mha(q, k, v):
-            return pallas_softmax.mha(q, k, v, None, sm_scale=scale or q.shape[-1] ** -0.5, causal=causal)
+            return pallas_softmax.mha(q, k, v, None, sm_scale=q.shape[-1] ** -0.5, causal=causal)
 
         impls["pallas_mha"] = pallas_mha
     else:
