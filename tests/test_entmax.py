@@ -2,6 +2,8 @@
 package (PyTorch, float64), gradients (x and α) against finite differences and PyTorch
 autograd, masking, dtypes, JAX transformations and argument errors."""
 
+import sys
+
 import chex
 import entmax as pypi
 import jax
@@ -14,6 +16,7 @@ from hypothesis import strategies as st
 from jax.test_util import check_grads
 
 from adasplash_jax import entmax, entmax15, entmax_threshold, sparsemax
+from adasplash_jax.entmax import solver_step
 
 ALPHAS = [1.25, 1.5, 1.75, 2.0]
 
@@ -88,14 +91,15 @@ def test_softmax_limit():
     assert errs == sorted(errs, reverse=True)
 
 
+@pytest.mark.parametrize("solver", ["halley", "histogram"])
 @pytest.mark.parametrize("alpha", [1.5, 2.0])
 @pytest.mark.parametrize("scale", [0.05, 1.0, 30.0])
-def test_halley_equals_sort(alpha, scale):
+def test_halley_equals_sort(alpha, scale, solver):
     x = rand((64, 1000), scale, seed=5)
-    ph = np.asarray(entmax(x, alpha, solver="halley"))
+    ph = np.asarray(entmax(x, alpha, solver=solver))
     ps = np.asarray(entmax(x, alpha, solver="sort"))
     np.testing.assert_allclose(ph, ps, atol=1e-6)
-    th = np.asarray(entmax_threshold(x, alpha, solver="halley"))
+    th = np.asarray(entmax_threshold(x, alpha, solver=solver))
     ts = np.asarray(entmax_threshold(x, alpha, solver="sort"))
     np.testing.assert_allclose(th, ts, atol=1e-5 * max(1.0, scale), rtol=1e-5)
 
@@ -112,8 +116,10 @@ def test_property_halley_sort_bisect_agree(n, scale, alpha, seed):
     ph = np.asarray(entmax(x, alpha, solver="halley"))
     ps = np.asarray(entmax(x, alpha, solver="sort"))
     pb = np.asarray(entmax(x, alpha, solver="bisect"))
+    pk = np.asarray(entmax(x, alpha, solver="histogram"))
     assert (ph >= 0).all() and np.allclose(ph.sum(-1), 1.0, atol=1e-5)
     np.testing.assert_allclose(ph, ps, atol=2e-6)
+    np.testing.assert_allclose(pk, ps, atol=2e-6)
     np.testing.assert_allclose(pb, ps, atol=2e-5)
     # The argmax is always in the support; entries below max − 1/(α−1) never are.
     assert (ph[np.arange(3), x.argmax(-1)] > 0).all()
@@ -147,6 +153,77 @@ def test_bisect_needs_many_more_iterations_than_halley():
     assert err("bisect", 4) > 1e-3
 
 
+def mass_f64(s, tau, alpha):
+    """Σ_j [(α−1)s_j − τ]_+^(1/(α−1)) per row, in float64."""
+    z = np.maximum((alpha - 1.0) * s.astype(np.float64) - np.asarray(tau, np.float64), 0.0)
+    return np.sum(z ** (1.0 / (alpha - 1.0)), axis=-1)
+
+
+def root_f64(s, alpha):
+    """τ per row by float64 bisection, independent of the solvers under test."""
+    x = (alpha - 1.0) * s.astype(np.float64)
+    lo, hi = x.max(-1) - 1.0, x.max(-1)
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        above = np.sum(np.maximum(x - mid[:, None], 0.0) ** (1.0 / (alpha - 1.0)), -1) > 1.0
+        lo, hi = np.where(above, mid, lo), np.where(above, hi, mid)
+    return 0.5 * (lo + hi)
+
+
+@pytest.mark.parametrize("n", [256, 2048])
+@pytest.mark.parametrize("scale", [0.5, 2.0, 8.0])
+def test_histogram_start_reaches_float32_in_two_passes(n, scale):
+    # Attention-like rows (q·k/√d); the histogram pass plus one Halley pass reach the
+    # float32 floor (|Σp − 1| of the float64 root rounded to float32), where the
+    # bracket start still needs more.
+    rng = np.random.default_rng(11)
+    s = (scale * rng.standard_normal((16, 64)) @ rng.standard_normal((64, n)) / 8.0).astype(np.float32)
+    floor = np.abs(mass_f64(s, root_f64(s, 1.5).astype(np.float32)[:, None], 1.5) - 1.0).max()
+    target = max(1e-6, 2.0 * floor)
+    err = {
+        solver: np.abs(mass_f64(s, entmax_threshold(s, 1.5, n_iter=2, solver=solver), 1.5) - 1.0).max()
+        for solver in ("histogram", "halley")
+    }
+    assert err["histogram"] < target, err
+    assert err["halley"] > err["histogram"], err
+
+
+@pytest.mark.parametrize("alpha", [1.5, 2.0])
+def test_equal_support_at_both_ends_gives_the_exact_root(alpha):
+    # Shifted, scaled row [0, −0.3, −2]: both evaluated points below see the same two
+    # entries, so f is one polynomial piece between them and the step lands on the root.
+    x = jnp.array([[0.0, -0.3, -2.0]])
+    a = jnp.full((1, 1), alpha)
+    power_sums = sys.modules["adasplash_jax.entmax"]._power_sums
+    exact = (-0.3 - 1.0) / 2.0 if alpha == 2.0 else (-0.6 - np.sqrt(0.36 + 8 * 0.91)) / 4.0
+    above_point, below_point = (-0.9, -0.5) if alpha == 2.0 else (-0.95, -0.6)
+    state = (jnp.full((1, 1), -1.0), jnp.full((1, 1), -0.01))
+    support = (jnp.full((1, 1), jnp.inf), jnp.full((1, 1), -1.0))
+    tau = jnp.full((1, 1), below_point)
+    *_, predicted, support = solver_step(alpha, a, tau, *state, *power_sums(alpha, a, x, tau), support=support)
+    assert not bool(predicted[0, 0])  # only one side seen so far
+    tau = jnp.full((1, 1), above_point)
+    new_tau, _, _, f, _, predicted, support = solver_step(
+        alpha, a, tau, *state, *power_sums(alpha, a, x, tau), support=support)
+    assert float(f[0, 0]) > 0.05  # far from converged, yet the next τ is exact
+    assert bool(predicted[0, 0])
+    np.testing.assert_allclose(float(new_tau[0, 0]), exact, atol=1e-6)
+
+
+@pytest.mark.parametrize("solver", ["auto", "histogram", "sort"])
+@pytest.mark.parametrize("alpha", [1.5, 2.0])
+def test_many_rows_solved_in_row_blocks(alpha, solver):
+    # 3·200 rows of 1024 exceed one CPU row block (2^19 elements), so the solver runs over
+    # two blocks, the second padded; every row must match the PyPI package.
+    x = rand((3, 200, 1024), 2.0, seed=12)
+    p = np.asarray(entmax(x, alpha, solver=solver))
+    np.testing.assert_allclose(p, torch_entmax(x, alpha), atol=2e-6)
+    per_head = jnp.asarray([1.3, 1.5, 2.0])[:, None]  # array α goes through the blocks too
+    q = np.asarray(entmax(x, per_head))
+    for i, a in enumerate([1.3, 1.5, 2.0]):
+        np.testing.assert_allclose(q[i], torch_entmax(x[i], a), atol=2e-6)
+
+
 # ------------------------------------------------------------------ array α
 
 
@@ -166,7 +243,8 @@ def test_array_alpha_per_row_matches_float_alpha():
 
 @pytest.mark.parametrize(
     "alpha,solver",
-    [(a, s) for a in (1.25, 1.5, 2.0) for s in ("auto", "bisect", "sort") if not (s == "sort" and a == 1.25)],
+    [(a, s) for a in (1.25, 1.5, 2.0) for s in ("auto", "histogram", "bisect", "sort")
+     if not (s == "sort" and a == 1.25)],
 )
 def test_minus_inf_is_exact_zero_and_fully_masked_row_is_zero(alpha, solver):
     x = rand((4, 30), 2.0, seed=10)
