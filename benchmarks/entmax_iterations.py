@@ -6,9 +6,16 @@ k solver iterations (``entmax_threshold(..., n_iter=k)``, float32), and the unno
 mass Σ_j [(α−1)s_j − τ]_+^(1/(α−1)) of every row is evaluated in float64 with numpy.
 A setting counts as reached at the first k for which every row is within the tolerance.
 
-One iteration of either solver is one pass over the row (power sums at one τ); neither
-solver has an initialisation pass (the starting bracket [max − 1, max − n^(1−α)] is
-analytic), so iterations compare passes one to one.
+Columns, all counted in passes over the row after the max pass:
+
+* bisect: plain bisection on the analytic bracket [max − 1, max − n^(1−α)];
+* halley: Halley–bisection started at the middle of that bracket (``solver="halley"``,
+  the default): one τ per pass;
+* histogram: Halley–bisection whose first pass is a histogram of the row
+  (``solver="histogram"``); that first pass counts as one pass, but it evaluates the
+  power sums at 17 points, so in arithmetic it costs about as much as 17 passes. It
+  pays where a pass is memory traffic (a GPU re-reading the scores, a kernel
+  recomputing Q·Kᵀ), not where arithmetic bounds it (see benchmarks/entmax_cpu.py).
 
 float32 floor: a float32 τ cannot do better than the float64 root rounded to float32; the
 column ``fp32 floor`` is the worst row's |Σp − 1| at that rounded root. Where the floor
@@ -78,9 +85,11 @@ def main(argv=None):
     print(f"jax {jax.__version__}; {args.rows} attention-like rows per setting, d = {args.head_dim}, "
           f"tol = {args.tol:g}; iterations until every row has |sum p - 1| < target")
     print()
-    print("| alpha | n | scale | fp32 floor | halley iters | bisect iters | bisect / halley |")
-    print("|---|---|---|---|---|---|---|")
-    ratios = []
+    print("| alpha | n | scale | fp32 floor | bisect | halley | histogram | bisect / halley | "
+          "bisect / histogram |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    ratios = {"halley": [], "histogram": []}
+    totals = {"bisect": 0, "halley": 0, "histogram": 0}
     for alpha in args.alphas:
         for n in args.lengths:
             q = rng.standard_normal((args.rows, args.head_dim))
@@ -92,18 +101,27 @@ def main(argv=None):
                 floor = np.max(np.abs(mass_f64(s, tau64.astype(np.float32), alpha) - 1.0))
                 target = args.tol if 2 * floor < args.tol else 2 * floor
                 mark = "" if target == args.tol else "*"
-                kh, _ = iterations_to(s, alpha, "halley", target, args.cap)
-                kb, _ = iterations_to(s, alpha, "bisect", target, args.cap)
-                ratio = (kb / kh) if (kh and kb) else None
-                if ratio:
-                    ratios.append(ratio)
+                passes = {solver: iterations_to(s, alpha, solver, target, args.cap)[0]
+                          for solver in ("bisect", "halley", "histogram")}
+                cells = []
+                for solver in ("halley", "histogram"):
+                    kb, k = passes["bisect"], passes[solver]
+                    if kb and k:
+                        ratios[solver].append(kb / k)
+                        cells.append(f"{kb / k:.1f}x")
+                    else:
+                        cells.append("-")
+                for solver, k in passes.items():
+                    totals[solver] += k or args.cap
                 fmt = lambda k: str(k) if k else f"> {args.cap}"  # noqa: E731
-                print(f"| {alpha:g} | {n} | {scale:g} | {floor:.1e}{mark} | {fmt(kh)} | {fmt(kb)} | "
-                      f"{'%.1fx' % ratio if ratio else '-'} |")
-    if ratios:
-        print()
-        print(f"bisect / halley iterations: min {min(ratios):.1f}x, median {np.median(ratios):.1f}x, "
-              f"max {max(ratios):.1f}x over {len(ratios)} settings")
+                print(f"| {alpha:g} | {n} | {scale:g} | {floor:.1e}{mark} | {fmt(passes['bisect'])} | "
+                      f"{fmt(passes['halley'])} | {fmt(passes['histogram'])} | {cells[0]} | {cells[1]} |")
+    print()
+    for solver, r in ratios.items():
+        if r:
+            print(f"bisect / {solver} passes: min {min(r):.1f}x, median {np.median(r):.1f}x, "
+                  f"max {max(r):.1f}x over {len(r)} settings; totals {totals['bisect']} / "
+                  f"{totals[solver]} = {totals['bisect'] / totals[solver]:.1f}x")
 
 
 if __name__ == "__main__":
