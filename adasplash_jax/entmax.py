@@ -28,6 +28,7 @@ Conventions shared by every solver here:
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 from typing import Literal
 
@@ -306,6 +307,9 @@ def _threshold_iterative(x, alpha, alpha_static, n_iter, solver):
     If n_iter is None, a row stops once |Σp − 1| < _TOL or the step is below float32
     resolution of τ; the loop ends when every row has stopped (or at the cap).
     Otherwise exactly n_iter passes are made (the histogram pass counts as one).
+
+    Returns (τ, mass): mass is Σp at τ where the solver knows it without another pass
+    (measured at τ, or 1 where τ is a predicted or certified root), NaN elsewhere.
     """
     use_halley = solver != "bisect"
     polynomial = use_halley and alpha_static in (1.5, 2.0)
@@ -320,39 +324,58 @@ def _threshold_iterative(x, alpha, alpha_static, n_iter, solver):
         done = jnp.zeros(tau.shape, jnp.bool_)
         passes = 0
 
-    def propose(tau, lo, hi, support):
+    def propose(x, alpha, tau, lo, hi, support):
         return solver_step(alpha_static, alpha, tau, lo, hi, *_power_sums(alpha_static, alpha, x, tau),
                            use_halley=use_halley, support=support)
 
     if n_iter is not None:
         def fixed(_, state):
             tau, lo, hi, support = state
-            new_tau, lo, hi, f, _, _, support = propose(tau, lo, hi, support)
+            new_tau, lo, hi, f, _, _, support = propose(x, alpha, tau, lo, hi, support)
             return jnp.where(f == 0, tau, new_tau), lo, hi, support
 
         tau, *_ = jax.lax.fori_loop(0, int(n_iter) - passes, fixed, (tau, lo, hi, support))
-        return tau
+        return tau, jnp.full_like(tau, jnp.nan)
 
     cap = _MAX_ITER["halley" if use_halley else "bisect"]
     tiny = 2.0 ** -22
 
-    def cond(carry):
-        i, *_, done = carry
-        return (i < cap) & ~jnp.all(done)
+    def iterate(x, alpha, i, state, go_on):
+        """Passes over the rows of x while go_on(done) holds, up to the cap."""
+        def body(carry):
+            i, (tau, lo, hi, support, mass, done) = carry
+            new_tau, lo, hi, f, newton, predicted, support = propose(x, alpha, tau, lo, hi, support)
+            converged = jnp.abs(f) < _TOL
+            # No float32 progress left: the step and f/f' are both below τ's resolution.
+            stalled = (jnp.abs(new_tau - tau) <= tiny * jnp.abs(tau)) & (
+                jnp.abs(newton - tau) <= tiny * jnp.abs(tau))
+            # A converged or stalled row keeps the τ its mass f + 1 was measured at; a
+            # predicted one moves to a root whose mass is 1 to float32 precision.
+            stays = ~done & (converged | stalled)
+            tau = jnp.where(done | stays, tau, new_tau)
+            mass = jnp.where(stays, f + 1.0, jnp.where(done, mass, jnp.where(predicted, 1.0, jnp.nan)))
+            return i + 1, (tau, lo, hi, support, mass, done | stays | predicted)
 
-    def body(carry):
-        i, tau, lo, hi, support, done = carry
-        new_tau, lo, hi, f, newton, predicted, support = propose(tau, lo, hi, support)
-        converged = jnp.abs(f) < _TOL
-        # No float32 progress left: the step and f/f' are both below τ's resolution.
-        stalled = (jnp.abs(new_tau - tau) <= tiny * jnp.abs(tau)) & (
-            jnp.abs(newton - tau) <= tiny * jnp.abs(tau))
-        # A converged row keeps the τ its residual was measured at.
-        tau = jnp.where(done | converged, tau, new_tau)
-        return i + 1, tau, lo, hi, support, done | converged | stalled | predicted
+        return jax.lax.while_loop(lambda carry: (carry[0] < cap) & go_on(carry[1][-1]), body, (i, state))
 
-    _, tau, *_ = jax.lax.while_loop(cond, body, (0, tau, lo, hi, support, done))
-    return tau
+    # Rows need different numbers of passes (at 2048 columns and α = 2: most 2–3, a few
+    # 5), and every pass reads every row. So once at most 1/8 of the rows are left, they
+    # are gathered and finished on their own (padded with copies of row 0 up to 1/8).
+    shape, rows = tau.shape, math.prod(x.shape[:-1])
+    x, alpha = x.reshape(rows, -1), alpha.reshape(rows, 1)
+    state = (tau, lo, hi, support, jnp.where(done, 1.0, jnp.nan), done)
+    state = jax.tree.map(lambda a: a.reshape(rows, 1), state)
+    stragglers = rows // 8
+    if stragglers < 8:
+        _, state = iterate(x, alpha, 0, state, lambda done: ~jnp.all(done))
+    else:
+        i, state = iterate(x, alpha, 0, state, lambda done: jnp.sum(~done) > stragglers)
+        (left,) = jnp.nonzero(~state[-1][:, 0], size=stragglers, fill_value=0)
+        _, finished = iterate(x[left], alpha[left], i, jax.tree.map(lambda a: a[left], state),
+                              lambda done: ~jnp.all(done))
+        state = jax.tree.map(lambda a, b: a.at[left].set(b), state, finished)
+    tau, _, _, _, mass, _ = state
+    return tau.reshape(shape), mass.reshape(shape)
 
 
 def _threshold_sort(x, alpha_static):
@@ -456,18 +479,26 @@ def _prepare(x, alpha):
 
 
 def _solve(scaled, alpha, alpha_static, solver, n_iter):
+    """(τ, Σp at τ) per row; the mass is NaN where the solver does not know it."""
     if solver == "sort":
         # Sorting needs finite keys: entries ≤ −1 are never in the support, so clamp.
-        return _threshold_sort(jnp.maximum(scaled, _FLOOR), alpha_static)
+        tau = _threshold_sort(jnp.maximum(scaled, _FLOOR), alpha_static)
+        return tau, jnp.full_like(tau, jnp.nan)
     return _threshold_iterative(scaled, alpha, alpha_static, n_iter, solver)
 
 
 def _row_statistics(x, alpha, alpha_static, solver, n_iter):
     """Row max, τ and the normaliser 1/Σp of each row (row-wise, so it runs in row blocks)."""
     scaled, has_any, row_max = _prepare(x, alpha)
-    tau = _solve(scaled, alpha, alpha_static, solver, n_iter)
-    p, _, _ = _powers(alpha_static, alpha, jnp.maximum(scaled - tau, 0.0))
-    total = jnp.sum(p, axis=-1, keepdims=True)
+    tau, mass = _solve(scaled, alpha, alpha_static, solver, n_iter)
+
+    def measure(mass):
+        p, _, _ = _powers(alpha_static, alpha, jnp.maximum(scaled - tau, 0.0))
+        return jnp.where(jnp.isnan(mass), jnp.sum(p, axis=-1, keepdims=True), mass)
+
+    # Usually every row's mass is known from the solver's last pass; only rows that hit
+    # the iteration cap (or fixed n_iter / sort) cost one more read.
+    total = jax.lax.cond(jnp.any(jnp.isnan(mass)), measure, lambda m: m, mass)
     scale = jnp.where(has_any & (total > 0), 1.0 / jnp.where(total > 0, total, 1.0), 0.0)
     return row_max, tau, scale
 
@@ -631,7 +662,7 @@ def entmax_threshold(x, alpha=1.5, axis: int = -1, *, n_iter: int | None = None,
 def _threshold_jit(xm, alpha_rows, alpha_static, solver, n_iter):
     def rows(x, alpha):
         scaled, has_any, row_max = _prepare(x, alpha)
-        tau = _solve(scaled, alpha, alpha_static, solver, n_iter)
+        tau, _ = _solve(scaled, alpha, alpha_static, solver, n_iter)
         return jnp.where(has_any, tau + (alpha - 1.0) * row_max, jnp.inf)
 
     return _row_wise(rows, xm, alpha_rows)
