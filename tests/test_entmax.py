@@ -213,9 +213,9 @@ def test_equal_support_at_both_ends_gives_the_exact_root(alpha):
 @pytest.mark.parametrize("solver", ["auto", "histogram", "sort"])
 @pytest.mark.parametrize("alpha", [1.5, 2.0])
 def test_many_rows_solved_in_row_blocks(alpha, solver):
-    # 3·200 rows of 1024 exceed one CPU row block (2^19 elements), so the solver runs over
+    # 3·200 rows of 2048 exceed one CPU row block (2^20 elements), so the solver runs over
     # two blocks, the second padded; every row must match the PyPI package.
-    x = rand((3, 200, 1024), 2.0, seed=12)
+    x = rand((3, 200, 2048), 2.0, seed=12)
     p = np.asarray(entmax(x, alpha, solver=solver))
     np.testing.assert_allclose(p, torch_entmax(x, alpha), atol=2e-6)
     per_head = jnp.asarray([1.3, 1.5, 2.0])[:, None]  # array α goes through the blocks too
