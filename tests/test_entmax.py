@@ -240,6 +240,22 @@ def test_slow_rows_among_fast_ones_are_finished_on_their_own(alpha, solver):
     assert np.abs(mass_f64(x, tau, alpha) - 1.0).max() < 2e-6
 
 
+def test_forward_and_backward_export_for_cuda_without_row_blocks():
+    # The row blocks are chosen when lowering: a CUDA export from this CPU machine gets the
+    # wide solver (its two loops: all rows, then the slow ones), the CPU export one more
+    # loop over the blocks.
+    def loss(x):
+        return jnp.sum(entmax(x, 2.0) * jnp.arange(x.shape[-1], dtype=x.dtype))
+
+    spec = jax.ShapeDtypeStruct((1024, 2048), jnp.float32)
+    whiles = {
+        platform: jax.export.export(jax.jit(jax.grad(loss)), platforms=[platform])(spec)
+        .mlir_module().count("stablehlo.while")
+        for platform in ("cuda", "cpu")
+    }
+    assert whiles == {"cuda": 2, "cpu": 3}, whiles
+
+
 def test_rows_stopped_by_the_cap_are_still_normalised(monkeypatch):
     # Σp at the final τ is usually known from the solver's last pass; rows that stop at
     # the iteration cap are measured once more, so the output still sums to one.
