@@ -256,6 +256,27 @@ def test_forward_and_backward_export_for_cuda_without_row_blocks():
     assert whiles == {"cuda": 2, "cpu": 3}, whiles
 
 
+def test_halley_prediction_across_an_entry_is_remeasured_above_alpha_1_5():
+    # α = 1.9 (c0 = 1/0.9): a shifted row [0, x1] whose entry x1 lies 1e-5 above the root.
+    # From τ = x1 (x1 just outside the support, |f| ≈ 1.4e-5 < 1e-4) Halley predicts the
+    # root of the one-entry model, τ' ≈ −1, which misses x1's share (≈ 3.6e-6 of Σp).
+    # So above α = 1.5 the predicted τ's mass is left unknown (NaN) and measured again.
+    alpha, c0 = 1.9, 1.0 / 0.9
+    root = -((1.0 - 1e-5**c0) ** (1.0 / c0))  # (−root)^c0 + (x1 − root)^c0 = 1
+    x1 = np.float32(root + 1e-5)
+    row = jnp.asarray([[0.0, x1]], jnp.float32)
+    a = jnp.full((1, 1), alpha)
+    tau = jnp.full((1, 1), x1)
+    power_sums = sys.modules["adasplash_jax.entmax"]._power_sums
+    new_tau, *_, predicted, _ = solver_step(alpha, a, tau, jnp.full((1, 1), -1.0), tau,
+                                            *power_sums(alpha, a, row, tau))
+    assert bool(predicted[0, 0])
+    z = np.maximum(np.asarray(row, np.float64) - float(new_tau[0, 0]), 0.0)
+    assert np.sum(z**c0) - 1.0 > 2e-6  # the predicted τ's mass is not 1 here
+    p = np.asarray(entmax(np.asarray(row) / (alpha - 1.0), alpha))
+    np.testing.assert_allclose(p.sum(-1), 1.0, atol=1e-6)
+
+
 def test_rows_stopped_by_the_cap_are_still_normalised(monkeypatch):
     # Σp at the final τ is usually known from the solver's last pass; rows that stop at
     # the iteration cap are measured once more, so the output still sums to one.
