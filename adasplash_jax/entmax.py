@@ -46,9 +46,8 @@ _MAX_ITER = {"halley": 30, "bisect": 60}
 _TOL = 1e-6
 # Smallest z whose powers are taken (z = 0 is masked out by sign(z) instead).
 _TINY = 1e-30
-# A Halley step from a residual |Σp − 1| below this ends the iteration (see
-# `solver_step`): 1e-3 for α ≤ 1.5, 1e-4 above.
-_PREDICT = (1e-3, 1e-4)
+# A Halley step from a residual |Σp − 1| below this ends the iteration (see below).
+_PREDICT = 1e-4
 # Bins of the histogram start (``solver="histogram"``): one pass evaluates bins + 1 points.
 _HISTOGRAM_BINS = 16
 
@@ -201,12 +200,9 @@ def solver_step(alpha_static: float | None, alpha, tau, lo, hi, s0, s1, s2, *, u
     new_tau = jnp.where(inside, jnp.clip(cand, lo, hi), mid)
     # Halley converges cubically, so from a small |f| its step lands below float32
     # resolution on the smooth part of f and needs no check pass. What the step cannot
-    # see is an entry between τ and the root (a kink): it adds at most δ^c0 to Σp, with
-    # δ = |f / f'| ≤ |f| / c0 (f' = −c0·Σ z^c1 and Σ z^c1 ≥ Σ z^c0 ≈ 1, as z ≤ 1). For
-    # α ≤ 1.5 (c0 ≥ 2) and |f| ≤ 1e-3 that is below 2.5e-7. Above 1.5 the exponent
-    # falls towards 1: the bar is 1e-4, and Σp at the predicted τ is measured again.
-    bar = jnp.where(alpha <= 1.5, _PREDICT[0], _PREDICT[1])
-    predicted = inside & (jnp.abs(f) <= bar) if alpha_static != 2.0 else jnp.zeros_like(inside)
+    # see are entries between τ and the root (kinks): each adds up to δ^c0 to Σp, with
+    # δ = |f / f'| ≤ |f| / c0, so callers measure Σp at a predicted τ again.
+    predicted = inside & (jnp.abs(f) <= _PREDICT) if alpha_static != 2.0 else jnp.zeros_like(inside)
     return new_tau, lo, hi, f, newton, predicted | (inside & exact), support
 
 
@@ -355,13 +351,13 @@ def _threshold_iterative(x, alpha, alpha_static, n_iter, solver):
             # No float32 progress left: the step and f/f' are both below τ's resolution.
             stalled = (jnp.abs(new_tau - tau) <= tiny * jnp.abs(tau)) & (
                 jnp.abs(newton - tau) <= tiny * jnp.abs(tau))
-            # A converged or stalled row keeps the τ its mass f + 1 was measured at; a
-            # predicted one moves to a root whose mass is 1 to float32 precision where
-            # `solver_step` bounds the error (α ≤ 1.5, and α = 2's exact roots).
+            # A converged or stalled row keeps the τ its mass f + 1 was measured at. A
+            # predicted one moves on: its mass is 1 for a static α = 2, whose predictions
+            # are certified exact roots, and unknown (measured later) for a Halley step.
             stays = ~done & (converged | stalled)
             tau = jnp.where(done | stays, tau, new_tau)
-            trusted = predicted & ((alpha <= 1.5) | (alpha == 2.0))
-            mass = jnp.where(stays, f + 1.0, jnp.where(done, mass, jnp.where(trusted, 1.0, jnp.nan)))
+            exact = predicted if alpha_static == 2.0 else jnp.zeros_like(predicted)
+            mass = jnp.where(stays, f + 1.0, jnp.where(done, mass, jnp.where(exact, 1.0, jnp.nan)))
             return i + 1, (tau, lo, hi, support, mass, done | stays | predicted)
 
         return jax.lax.while_loop(lambda carry: (carry[0] < cap) & go_on(carry[1][-1]), body, (i, state))

@@ -256,11 +256,11 @@ def test_forward_and_backward_export_for_cuda_without_row_blocks():
     assert whiles == {"cuda": 2, "cpu": 3}, whiles
 
 
-def test_halley_prediction_across_an_entry_is_remeasured_above_alpha_1_5():
+def test_halley_prediction_across_an_entry_is_remeasured():
     # α = 1.9 (c0 = 1/0.9): a shifted row [0, x1] whose entry x1 lies 1e-5 above the root.
     # From τ = x1 (x1 just outside the support, |f| ≈ 1.4e-5 < 1e-4) Halley predicts the
     # root of the one-entry model, τ' ≈ −1, which misses x1's share (≈ 3.6e-6 of Σp).
-    # So above α = 1.5 the predicted τ's mass is left unknown (NaN) and measured again.
+    # So the mass at a predicted τ is not assumed to be 1; it is measured again.
     alpha, c0 = 1.9, 1.0 / 0.9
     root = -((1.0 - 1e-5**c0) ** (1.0 / c0))  # (−root)^c0 + (x1 − root)^c0 = 1
     x1 = np.float32(root + 1e-5)
@@ -275,6 +275,23 @@ def test_halley_prediction_across_an_entry_is_remeasured_above_alpha_1_5():
     assert np.sum(z**c0) - 1.0 > 2e-6  # the predicted τ's mass is not 1 here
     p = np.asarray(entmax(np.asarray(row) / (alpha - 1.0), alpha))
     np.testing.assert_allclose(p.sum(-1), 1.0, atol=1e-6)
+
+
+def test_array_alpha_2_halley_prediction_is_remeasured():
+    # Clustered entries (found by review): an array α = 2 goes through Halley's general
+    # step, whose prediction skipped entries near the root; assuming its mass was 1 left
+    # Σp = 1 + 1.1e-5. The mass of a predicted τ is measured, so both α forms agree.
+    row = np.array([[
+        -1.2821072, -1.2484193, -1.2821312, -1.282115, -1.0308912, -0.86421263, -1.2821128, -0.86419773,
+        -0.86422127, -1.2484181, -1.2484365, -1.2484261, -1.0309117, -1.2484272, -1.248437, -1.0309085,
+        -0.86421448, -1.2821139, -1.2821246, -1.03091, -1.2484413, -1.2484349, -1.2821194, -1.0309017,
+        -0.86420834, -1.2484229, -1.2821028, -0.86421853, -1.2821149, -1.2484363, -1.0308988, -1.2484438
+    ]], np.float32)
+    want = torch_entmax(row, 2.0)
+    for alpha in (2.0, jnp.asarray([2.0])):
+        p = np.asarray(entmax(row, alpha))
+        np.testing.assert_allclose(p.sum(-1), 1.0, atol=1e-6)
+        np.testing.assert_allclose(p, want, atol=2e-6)
 
 
 def test_rows_stopped_by_the_cap_are_still_normalised(monkeypatch):
