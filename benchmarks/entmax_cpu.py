@@ -3,11 +3,11 @@
 Every timed call computes the forward and the backward pass (a vector-Jacobian product
 with a fixed random cotangent) of one [rows, cols] float32 matrix, on the last axis.
 JAX functions are jit-compiled and warmed up first; PyTorch runs eagerly (as the package
-is used). Methods are timed round-robin in the same process, each JAX method right
-before its PyPI peers, so load from other processes affects a pair alike. In each round
-a method runs once untimed, then ``--calls`` times back to back. The table gives each
-method's median call; a speed-up is the median over rounds of that round's ratio (the
-peer's median call over ours), with the range over rounds.
+is used). Methods are timed round-robin in the same process, each PyPI method right
+after the first JAX method it is compared with, so load from other processes affects a
+pair alike. In each round a method runs once untimed, then ``--calls`` times back to
+back. The table gives each method's median call; a speed-up is the median over rounds of
+that round's ratio (the peer's median call over ours), with the range over rounds.
 
 Back-to-back calls measure each method as a training loop runs it. A call that follows
 other work, or an idle gap, pays for waking the thread pool and for page-faulting the
@@ -114,7 +114,7 @@ def main(argv=None):
           f"scores ~ N(0, {args.scale}^2); forward+backward; {args.repeats} rounds "
           f"x {args.calls} back-to-back calls")
 
-    # Each JAX method runs right before its PyPI peers, so a pair sees the same load.
+    # Each PyPI method runs right after the first JAX method it is compared with.
     methods: dict[str, tuple] = {}
     for name, method in jax_methods.items():
         methods[name] = method

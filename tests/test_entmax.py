@@ -294,6 +294,17 @@ def test_array_alpha_2_halley_prediction_is_remeasured():
         np.testing.assert_allclose(p, want, atol=2e-6)
 
 
+@pytest.mark.parametrize("solver", ["auto", "histogram", "bisect"])
+def test_no_rows_and_alpha_near_one(solver):
+    # Found by review: an input with no rows must not fail the solver's row reshape; and
+    # near α = 1, where Σp is 1/(α−1) times as sensitive to rounding, the output must
+    # still sum to one (the solver loop's mass is not reused there).
+    assert np.asarray(entmax(np.zeros((0, 5), np.float32), 1.5, solver=solver)).shape == (0, 5)
+    x = rand((64, 16), 3.0, seed=16)
+    for alpha in (1.001, 1.01):
+        np.testing.assert_allclose(np.asarray(entmax(x, alpha, solver=solver)).sum(-1), 1.0, atol=1e-6)
+
+
 def test_rows_stopped_by_the_cap_are_still_normalised(monkeypatch):
     # Σp at the final τ is usually known from the solver's last pass; rows that stop at
     # the iteration cap are measured once more, so the output still sums to one.
