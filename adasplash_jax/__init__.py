@@ -4,7 +4,7 @@ from adasplash_jax.attention import SparsityStats, entmax_attention, entmax_atte
 from adasplash_jax.entmax import entmax, entmax15, entmax_threshold, sparsemax
 from adasplash_jax.flax_attention import flax_entmax_attention, make_flax_attention_fn
 from adasplash_jax.losses import entmax_loss, sparsemax_loss
-from adasplash_jax.pallas_attention import BlockSizes
+from adasplash_jax.kernels import BlockSizes
 
 __all__ = [
     "entmax",

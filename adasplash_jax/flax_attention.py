@@ -23,7 +23,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from adasplash_jax.attention import check_attention_inputs, dense_attention, entmax_attention
+from adasplash_jax.attention import entmax_attention
+from adasplash_jax.dense import dense_attention
+from adasplash_jax.inputs import check_attention_inputs, check_mask_shape, mask_to_rank
 
 __all__ = ["flax_entmax_attention", "make_flax_attention_fn"]
 
@@ -85,15 +87,10 @@ def flax_entmax_attention(
         if mask.dtype != jnp.bool_:
             mask = mask != 0  # Flax builds float masks (1 keeps, 0 drops)
         full = batch_shape + (N, T, S)
-        try:
-            ok = len(mask.shape) <= len(full) and jnp.broadcast_shapes(mask.shape, full) == full
-        except ValueError:
-            ok = False
-        if not ok:
-            raise ValueError(f"flax_entmax_attention: `mask` {mask.shape} is not broadcastable to {full}")
+        check_mask_shape(mask.shape, full, "mask", "[..., heads, q_len, kv_len]")
         # Broadcast the batch dims only: head/query/key dims of size 1 stay 1, so a key-padding
         # mask [..., 1, 1, S] still reads as one (the Pallas path takes those).
-        mask = mask.reshape((1,) * (len(full) - mask.ndim) + mask.shape)
+        mask = mask_to_rank(mask, len(full))
         if any(d != 1 for d in mask.shape[: len(batch_shape)]):
             mask = jnp.broadcast_to(mask, batch_shape + mask.shape[len(batch_shape):])
         mask = mask.reshape((-1,) + mask.shape[-3:])

@@ -1,4 +1,5 @@
-"""Which (query, key) pairs may attend: written once, used by the dense path and every kernel.
+"""Which (query, key) pairs may attend, and which key blocks a query block can reach: written once,
+used by the dense path and every kernel.
 
 All functions take integer *positions* (not booleans) so that a kernel can call them on
 the positions of one tile and the dense path on the whole score matrix, with the same
@@ -44,3 +45,43 @@ def keep_mask(
         keep = keep & (q_segment == kv_segment)
     return keep
 
+
+def reachable_kv_end(q_start, block_q: int, kv_len, *, is_causal: bool):
+    """End (exclusive) of the keys that the query block [q_start, q_start + block_q) can reach.
+
+    Causal masks are top-left aligned, so the block's last query sees keys up to its own
+    position; beyond ``kv_len`` every key is padding.
+    """
+    if is_causal:
+        return jnp.minimum(kv_len, q_start + block_q)
+    return kv_len
+
+
+def reachable_tiles(num_q_blocks: int, num_kv_blocks: int, block_q: int, block_k: int, *, is_causal: bool):
+    """bool [nq, nk]: the tiles a dense kernel would compute (the causal triangle when causal)."""
+    q_start = jnp.arange(num_q_blocks)[:, None] * block_q
+    kv_start = jnp.arange(num_kv_blocks)[None, :] * block_k
+    end = reachable_kv_end(q_start, block_q, num_kv_blocks * block_k, is_causal=is_causal)
+    return jnp.broadcast_to(kv_start < end, (num_q_blocks, num_kv_blocks))
+
+
+def dense_keep_mask(inp):
+    """The boolean keep mask of every (query, key) pair of validated ``AttentionInputs``,
+    broadcastable to [B, N, T, S]."""
+    B, T, N, _ = inp.query.shape
+    S = inp.key.shape[1]
+    q_pos = jnp.arange(T, dtype=jnp.int32)[:, None]
+    kv_pos = jnp.arange(S, dtype=jnp.int32)[None, :]
+    per_batch = lambda x: None if x is None else x[:, None, None, None]  # noqa: E731
+    keep = keep_mask(
+        q_pos,
+        kv_pos,
+        is_causal=inp.is_causal,
+        q_len=per_batch(inp.q_lengths),
+        kv_len=per_batch(inp.kv_lengths),
+        q_segment=None if inp.q_segment_ids is None else inp.q_segment_ids[:, None, :, None],
+        kv_segment=None if inp.kv_segment_ids is None else inp.kv_segment_ids[:, None, None, :],
+    )
+    if inp.mask is not None:
+        keep = keep & inp.mask
+    return jnp.broadcast_to(keep, jnp.broadcast_shapes(keep.shape, (1, 1, T, S)))

@@ -18,6 +18,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
+from adasplash_jax.inputs import mask_to_rank
+
 __all__ = ["shard_attention"]
 
 # keyword arguments that are arrays with a leading batch dimension
@@ -75,8 +77,7 @@ def shard_attention(fn: Callable, mesh: Mesh, batch_axes: Sequence[str] = ("data
         else:
             static["alpha"] = alpha  # a Python float or tuple: stays static
         if mask is not None:
-            m = jax.numpy.asarray(mask)
-            m = m.reshape((1,) * (4 - m.ndim) + m.shape)
+            m = mask_to_rank(mask, 4)
             add("mask", m, P(bax if m.shape[0] == b and b > 1 else None, hax if m.shape[1] == h and h > 1 else None,
                               None, None))
         for name in _BATCHED:

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from jax.test_util import check_grads
 
 from adasplash_jax import entmax, entmax15, entmax_threshold, sparsemax
-from adasplash_jax.entmax import solver_step
+from adasplash_jax.solver import solver_step
 
 ALPHAS = [1.25, 1.5, 1.75, 2.0]
 
@@ -194,7 +194,7 @@ def test_equal_support_at_both_ends_gives_the_exact_root(alpha):
     # entries, so f is one polynomial piece between them and the step lands on the root.
     x = jnp.array([[0.0, -0.3, -2.0]])
     a = jnp.full((1, 1), alpha)
-    power_sums = sys.modules["adasplash_jax.entmax"]._power_sums
+    power_sums = sys.modules["adasplash_jax.solver"]._power_sums
     exact = (-0.3 - 1.0) / 2.0 if alpha == 2.0 else (-0.6 - np.sqrt(0.36 + 8 * 0.91)) / 4.0
     above_point, below_point = (-0.9, -0.5) if alpha == 2.0 else (-0.95, -0.6)
     state = (jnp.full((1, 1), -1.0), jnp.full((1, 1), -0.01))
@@ -267,7 +267,7 @@ def test_halley_prediction_across_an_entry_is_remeasured():
     row = jnp.asarray([[0.0, x1]], jnp.float32)
     a = jnp.full((1, 1), alpha)
     tau = jnp.full((1, 1), x1)
-    power_sums = sys.modules["adasplash_jax.entmax"]._power_sums
+    power_sums = sys.modules["adasplash_jax.solver"]._power_sums
     new_tau, *_, predicted, _ = solver_step(alpha, a, tau, jnp.full((1, 1), -1.0), tau,
                                             *power_sums(alpha, a, row, tau))
     assert bool(predicted[0, 0])
@@ -308,7 +308,7 @@ def test_no_rows_and_alpha_near_one(solver):
 def test_rows_stopped_by_the_cap_are_still_normalised(monkeypatch):
     # Σp at the final τ is usually known from the solver's last pass; rows that stop at
     # the iteration cap are measured once more, so the output still sums to one.
-    module = sys.modules["adasplash_jax.entmax"]
+    module = sys.modules["adasplash_jax.solver"]
     monkeypatch.setitem(module._MAX_ITER, "halley", 1)
     jax.clear_caches()
     try:

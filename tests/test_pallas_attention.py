@@ -12,8 +12,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from adasplash_jax import BlockSizes, entmax_attention, entmax_attention_with_stats
-from adasplash_jax.attention import check_attention_inputs, dense_attention, dense_sparsity_stats
-from adasplash_jax.pallas_attention import active_block_lists, tile_visits
+from adasplash_jax.dense import dense_attention, dense_sparsity_stats
+from adasplash_jax.inputs import check_attention_inputs
+from adasplash_jax.kernels.debug import tile_visits
 
 SMALL = BlockSizes(block_q=16, block_k=16)
 TOL = {jnp.float32: 1e-4, jnp.bfloat16: 3e-2, jnp.float16: 5e-3}
@@ -135,16 +136,6 @@ def test_rows_with_nothing_to_attend_are_zero_with_zero_grads():
     assert_close(out, ref_out, jnp.float32, "output")
 
 
-def test_active_block_lists_against_numpy():
-    rng = np.random.default_rng(0)
-    mask = (rng.random((2, 3, 5, 8)) < 0.4).astype(np.int32)
-    counts, lists = jax.jit(active_block_lists)(jnp.asarray(mask))
-    for idx in np.ndindex(*mask.shape[:-1]):
-        active = np.nonzero(mask[idx])[0]
-        assert counts[idx] == len(active)
-        np.testing.assert_array_equal(np.asarray(lists[idx])[: len(active)], active)
-
-
 def block_diagonal_qkv(B, L, N, H, block, strength=12.0):
     """Queries and keys whose position-block b points along direction b: each query's
     probability mass stays inside its own block, so the block mask is the diagonal."""
@@ -189,7 +180,7 @@ def test_sparsity_stats_match_dense_probabilities():
     inp = check_attention_inputs(q, k, v, alpha=1.5, mask=None, is_causal=True, scale=None,
                                  query_seq_lengths=None, key_value_seq_lengths=None, segment_ids=None)
     _, probs = dense_attention(inp, return_probabilities=True)
-    ref = dense_sparsity_stats(inp, probs, 16, 16)
+    ref = dense_sparsity_stats(inp, probs, block_q=16, block_k=16)
     # Independent count of the non-zero fraction: numpy over the dense probabilities.
     p = np.asarray(probs)
     allowed = np.tril(np.ones((50, 50), bool))
@@ -323,15 +314,15 @@ def test_alpha_gradient_terms_only_when_alpha_is_differentiated(monkeypatch):
     """A traced but undifferentiated per-head α (e.g. annealed in a train step) skips the α terms."""
     import sys
 
-    module = sys.modules["adasplash_jax.pallas_attention"]
+    module = sys.modules["adasplash_jax.kernels.attention"]
     seen = []
-    backward = module._backward
+    backward = module.backward
 
     def spy(*args):
         seen.append(args[-1])  # with_alpha_grad
         return backward(*args)
 
-    monkeypatch.setattr(module, "_backward", spy)
+    monkeypatch.setattr(module, "backward", spy)
     q, k, v = make_qkv(1, 32, 32, 2, 2, 16)
     alpha = jnp.array([1.3, 1.7])
 

@@ -1,0 +1,218 @@
+"""Validated inputs: α, the attention arguments and the masks, checked once for every path.
+
+Every error names the argument and what was expected. ``AttentionInputs`` is what the
+dense path and the kernels receive; ``SparsityStats`` is what both report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+# --------------------------------------------------------------------------- α
+
+
+def check_alpha(alpha, name: str = "alpha"):
+    """Validates α: 1 < α ≤ 2 for Python numbers and concrete arrays (traced arrays: dtype only)."""
+    if isinstance(alpha, bool):
+        raise ValueError(f"`{name}` must be a float in (1, 2], got a bool")
+    if isinstance(alpha, numbers.Real):
+        a = float(alpha)
+        if not (a > 1.0 and a <= 2.0):
+            raise ValueError(
+                f"`{name}` must lie in (1, 2] (α → 1 is softmax, α = 2 is sparsemax), got {a}"
+            )
+        return a
+    arr = jnp.asarray(alpha)
+    if not jnp.issubdtype(arr.dtype, jnp.floating):
+        raise ValueError(f"`{name}` must be a float or a floating array, got dtype {arr.dtype}")
+    if not isinstance(arr, jax.core.Tracer):  # values are checked whenever they are known
+        values = np.asarray(arr)
+        if not np.all((values > 1.0) & (values <= 2.0)):
+            raise ValueError(f"every `{name}` must lie in (1, 2], got {values}")
+    return arr
+
+
+# ------------------------------------------------------------------------ masks
+
+
+def mask_to_rank(mask, rank: int, name: str = "mask"):
+    """A mask with leading size-1 dims added up to ``rank`` (the broadcasting jax applies)."""
+    mask = jnp.asarray(mask)
+    if mask.ndim > rank:
+        raise ValueError(f"`{name}` must have rank at most {rank}, got shape {mask.shape}")
+    return mask.reshape((1,) * (rank - mask.ndim) + mask.shape)
+
+
+def check_mask_shape(mask_shape, full: tuple[int, ...], name: str = "mask", what: str = ""):
+    """Raises unless ``mask_shape`` broadcasts to ``full`` without growing its rank."""
+    ok = len(mask_shape) <= len(full)
+    if ok:
+        try:
+            ok = np.broadcast_shapes(tuple(mask_shape), full) == full
+        except ValueError:
+            ok = False
+    if not ok:
+        raise ValueError(f"`{name}` must be broadcastable to {what or full} = {full}, got {tuple(mask_shape)}")
+
+
+# ------------------------------------------------------------------- attention
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionInputs:
+    """Validated, normalised arguments shared by every implementation."""
+
+    query: jax.Array  # [B, T, N, H]
+    key: jax.Array  # [B, S, K, H]
+    value: jax.Array  # [B, S, K, H]
+    alpha: float | jax.Array  # Python float, or float32 [N]
+    mask: jax.Array | None  # bool [b, n, t, s], each dim 1 or the full size
+    is_causal: bool
+    scale: float
+    q_lengths: jax.Array | None  # int32 [B]
+    kv_lengths: jax.Array | None  # int32 [B]
+    q_segment_ids: jax.Array | None  # int32 [B, T]
+    kv_segment_ids: jax.Array | None  # int32 [B, S]
+
+    @property
+    def num_groups(self) -> int:
+        return self.query.shape[2] // self.key.shape[2]
+
+
+def _check_int_array(x, name: str, shape: tuple[int, ...], what: str):
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+        raise ValueError(f"`{name}` must be an integer array ({what}), got dtype {x.dtype}")
+    if x.shape != shape:
+        raise ValueError(f"`{name}` must have shape {shape} ({what}), got {x.shape}")
+    return x.astype(jnp.int32)
+
+
+def check_attention_inputs(
+    query,
+    key,
+    value,
+    *,
+    alpha,
+    mask,
+    is_causal,
+    scale,
+    query_seq_lengths,
+    key_value_seq_lengths,
+    segment_ids,
+) -> AttentionInputs:
+    """Validates arguments; every error names the argument and what was expected."""
+    query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if t.ndim != 4:
+            raise ValueError(
+                f"`{name}` must have rank 4 [batch, length, heads, head_dim], got shape {t.shape}"
+            )
+        if not jnp.issubdtype(t.dtype, jnp.floating):
+            raise ValueError(f"`{name}` must be a floating array, got dtype {t.dtype}")
+    if not (query.dtype == key.dtype == value.dtype):
+        raise ValueError(
+            f"`query`, `key` and `value` must share a dtype, got {query.dtype}, {key.dtype}, {value.dtype}"
+        )
+    B, T, N, H = query.shape
+    _, S, K, _ = key.shape
+    if key.shape[0] != B or value.shape[0] != B:
+        raise ValueError(
+            f"batch sizes differ: `query` {B}, `key` {key.shape[0]}, `value` {value.shape[0]}"
+        )
+    if key.shape[3] != H:
+        raise ValueError(f"`key` head_dim {key.shape[3]} must equal `query` head_dim {H}")
+    if value.shape != key.shape:
+        raise ValueError(f"`value` must have the shape of `key` {key.shape}, got {value.shape}")
+    if N % K != 0:
+        raise ValueError(
+            f"`query` heads ({N}) must be a multiple of `key`/`value` heads ({K}) for grouped-query attention"
+        )
+    if T == 0 or S == 0 or H == 0:
+        raise ValueError(f"lengths and head_dim must be non-zero, got query {query.shape}, key {key.shape}")
+
+    alpha = check_alpha(alpha)
+    if not isinstance(alpha, float):
+        alpha = jnp.asarray(alpha, jnp.float32)
+        if alpha.ndim == 0:
+            alpha = jnp.broadcast_to(alpha, (N,))
+        if alpha.shape != (N,):
+            raise ValueError(
+                f"`alpha` must be a float or an array of shape [num_heads] = ({N},), got shape {alpha.shape}"
+            )
+
+    if mask is not None:
+        mask = jnp.asarray(mask)
+        if mask.dtype != jnp.bool_:
+            raise ValueError(
+                f"`mask` must be a boolean array (True keeps), got dtype {mask.dtype}; "
+                "convert additive/float masks with `mask != 0` or `mask > -inf` first"
+            )
+        check_mask_shape(mask.shape, (B, N, T, S), "mask", "[batch, heads, q_len, kv_len]")
+        mask = mask_to_rank(mask, 4)
+
+    if scale is None:
+        scale = 1.0 / math.sqrt(H)
+    elif not isinstance(scale, numbers.Real) or isinstance(scale, bool):
+        raise ValueError(f"`scale` must be a Python float or None, got {type(scale).__name__}")
+    scale = float(scale)
+    if not isinstance(is_causal, bool):
+        raise ValueError(f"`is_causal` must be a bool, got {is_causal!r}")
+
+    q_lengths = kv_lengths = None
+    if query_seq_lengths is not None:
+        q_lengths = _check_int_array(query_seq_lengths, "query_seq_lengths", (B,), "one length per batch row")
+    if key_value_seq_lengths is not None:
+        kv_lengths = _check_int_array(
+            key_value_seq_lengths, "key_value_seq_lengths", (B,), "one length per batch row"
+        )
+
+    q_seg = kv_seg = None
+    if segment_ids is not None:
+        if isinstance(segment_ids, (tuple, list)):
+            if len(segment_ids) != 2:
+                raise ValueError(
+                    "`segment_ids` must be one array [batch, length] or a pair (query_ids, kv_ids)"
+                )
+            q_seg = _check_int_array(segment_ids[0], "segment_ids[0]", (B, T), "query segment ids [batch, q_len]")
+            kv_seg = _check_int_array(segment_ids[1], "segment_ids[1]", (B, S), "key/value segment ids [batch, kv_len]")
+        else:
+            if T != S:
+                raise ValueError(
+                    f"a single `segment_ids` array needs q_len == kv_len (got {T} and {S}); "
+                    "pass a pair (query_ids, kv_ids)"
+                )
+            q_seg = kv_seg = _check_int_array(segment_ids, "segment_ids", (B, T), "segment ids [batch, length]")
+
+    return AttentionInputs(
+        query, key, value, alpha, mask, is_causal, scale, q_lengths, kv_lengths, q_seg, kv_seg
+    )
+
+
+# ------------------------------------------------------------------- sparsity
+
+
+@dataclasses.dataclass(frozen=True)
+class SparsityStats:
+    """Per-head sparsity of one attention call.
+
+    active_tile_fraction: fraction of (query block, key block) tiles holding any non-zero
+      probability, among the tiles a dense kernel would compute (the causal triangle when
+      causal); the work the Pallas kernels actually do.
+    nonzero_fraction: fraction of non-zero probabilities among the allowed (unmasked) pairs.
+    """
+
+    active_tile_fraction: jax.Array  # [heads]
+    nonzero_fraction: jax.Array  # [heads]
+
+
+jax.tree_util.register_dataclass(
+    SparsityStats, data_fields=["active_tile_fraction", "nonzero_fraction"], meta_fields=[]
+)

@@ -1,0 +1,174 @@
+"""4. The backward kernels: dK/dV over each key block's active query blocks (summing over the
+query heads of a GQA group), and dQ over each query block's active key blocks (also the row
+terms of the gradient with respect to a per-head α)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from adasplash_jax.entmax import alpha_grad_from_row_sums
+from adasplash_jax.kernels.config import MASKED, KernelConfig
+from adasplash_jax.kernels.specs import block_specs, call, segment_specs
+from adasplash_jax.kernels.tiles import RowContext, alpha_of, dot, load_segment, tile_powers
+from adasplash_jax.tiling import active_block_lists, pad_axis, transposed_block_mask
+
+
+def _dkdv_kernel(
+    alpha_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, q_segment_ref, kv_segment_ref,
+    tau_ref, inv_norm_ref, u_scale_ref, delta_ref, count_ref, list_ref,
+    dk_ref, dv_ref, *debug_refs,
+    cfg: KernelConfig,
+):
+    kv_block = pl.program_id(0)
+    kv_start = kv_block * cfg.block_k
+    k = k_ref[pl.ds(kv_start, cfg.block_k), :]
+    v = v_ref[pl.ds(kv_start, cfg.block_k), :]
+    hp = cfg.head_dim_padded
+    dk = jnp.zeros((cfg.block_k, hp), jnp.float32)
+    dv = jnp.zeros((cfg.block_k, hp), jnp.float32)
+    visited = jnp.int32(0)
+    q_len, kv_len = q_len_ref[...], kv_len_ref[...]
+
+    for g in range(cfg.groups):  # query heads sharing this key/value head
+        alpha = alpha_of(cfg, alpha_ref, g)
+
+        def body(t, carry, g=g, alpha=alpha):
+            dk, dv = carry
+            i = list_ref[g, t]
+            rows = pl.ds(i * cfg.block_q, cfg.block_q)
+            q = q_ref[rows, g, :]
+            do = do_ref[rows, g, :]
+            row = RowContext(cfg, i, q_len, kv_len, load_segment(q_segment_ref, i * cfg.block_q, cfg.block_q))
+            s = dot(cfg, q, k, trans_b=True) * cfg.scale
+            s = jnp.where(row.keep(kv_block, kv_segment_ref), s, MASKED)
+            _, p0, p1 = tile_powers(cfg, alpha, s, tau_ref[g, rows])
+            p = p0 * inv_norm_ref[g, rows][:, None]
+            u = p1 * u_scale_ref[g, rows][:, None]
+            dv = dv + dot(cfg, p.astype(do.dtype), do, trans_a=True)
+            dp = dot(cfg, do, v, trans_b=True)
+            ds = u * (dp - delta_ref[g, rows][:, None])
+            dk = dk + dot(cfg, ds.astype(q.dtype), q, trans_a=True)
+            return dk, dv
+
+        count = count_ref[g]
+        dk, dv = lax.fori_loop(0, count, body, (dk, dv))
+        visited = visited + count
+    dk_ref[...] = (dk * cfg.scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+    if cfg.debug:
+        debug_refs[0][...] = visited
+
+
+def _dq_kernel(
+    alpha_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, q_segment_ref, kv_segment_ref,
+    tau_ref, inv_norm_ref, u_scale_ref, delta_ref, count_ref, list_ref,
+    dq_ref, *extra_refs,
+    cfg: KernelConfig, with_alpha_grad: bool,
+):
+    q_block = pl.program_id(0)
+    alpha = alpha_of(cfg, alpha_ref, 0)
+    q = q_ref[...]
+    do = do_ref[...]
+    row = RowContext(cfg, q_block, q_len_ref[...], kv_len_ref[...],
+                     load_segment(q_segment_ref, q_block * cfg.block_q, cfg.block_q))
+    tau, inv_norm, u_scale, delta = tau_ref[...], inv_norm_ref[...], u_scale_ref[...], delta_ref[...]
+
+    def body(t, carry):
+        dq, sums = carry
+        j = list_ref[t]
+        s, keep, k = row.scores(q, k_ref, j, kv_segment_ref)
+        _, p0, p1 = tile_powers(cfg, alpha, s, tau)
+        p = p0 * inv_norm[:, None]
+        u = p1 * u_scale[:, None]
+        v = v_ref[pl.ds(j * cfg.block_k, cfg.block_k), :]
+        dp = dot(cfg, do, v, trans_b=True)
+        ds = u * (dp - delta[:, None])
+        dq = dq + dot(cfg, ds.astype(k.dtype), k)
+        if with_alpha_grad:
+            # Row sums for dL/dα (see _alpha_grad_from_row_sums): Σu·s, Σp·log p, Σ dP·u·s, Σ dP·p·log p.
+            s_on = jnp.where(p > 0, s, 0.0)
+            p_log_p = jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0)
+            sums = (
+                sums[0] + jnp.sum(u * s_on, 1),
+                sums[1] + jnp.sum(p_log_p, 1),
+                sums[2] + jnp.sum(dp * u * s_on, 1),
+                sums[3] + jnp.sum(dp * p_log_p, 1),
+                sums[4] + jnp.sum(u, 1),
+            )
+        return dq, sums
+
+    zero = jnp.zeros((cfg.block_q,), jnp.float32)
+    init = (jnp.zeros((cfg.block_q, cfg.head_dim_padded), jnp.float32), (zero,) * 5)
+    count = count_ref[...]
+    dq, sums = lax.fori_loop(0, count, body, init)
+    dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
+    extra = list(extra_refs)
+    if with_alpha_grad:
+        extra.pop(0)[...] = alpha_grad_from_row_sums(alpha, delta, *sums)
+    if cfg.debug:
+        extra.pop(0)[...] = count
+
+
+def backward_in_specs(cfg: KernelConfig, sp, list_width: int):
+    """Inputs of both backward kernels: α, lengths, q, k, v, dO, segments, τ, 1/Σ, u scale, δ, count, list."""
+    return [sp["alpha"], sp["batch_scalar"], sp["batch_scalar"], sp["q"], sp["kv"], sp["kv"], sp["q"],
+            *segment_specs(cfg, sp), *[sp["row"]] * 4, sp["block_scalar"], sp["block_list"](list_width)]
+
+
+def backward(cfg: KernelConfig, alpha, q_len, kv_len, q, k, v, q_seg, kv_seg, stats, out_tilde, d_out,
+              with_alpha_grad: bool):
+    B, N, K = q.shape[0], cfg.num_heads, cfg.num_kv_heads
+    d_out = d_out.astype(q.dtype)
+    # δ_i = dO_i · Õ_i, per row, laid out [B, N, T] like τ.
+    delta = jnp.einsum("btnh,btnh->bnt", d_out.astype(jnp.float32), out_tilde)
+    norm = stats["norm"]
+    alpha_rows = (jnp.float32(cfg.alpha_static) if cfg.alpha_static is not None else alpha[None, :, None])
+    # u = p^(2−α) with p = z^c0 / Σ: u = z^c1 · Σ^(α−2).
+    u_scale = jnp.where(norm > 0, jnp.exp((alpha_rows - 2.0) * jnp.log(jnp.where(norm > 0, norm, 1.0))), 0.0)
+    row_inputs = (stats["tau"], stats["inv_norm"], u_scale, delta)
+
+    # dK, dV: grid over key blocks, per kv head, looping over the group's heads' active query blocks.
+    kv_counts, kv_lists = active_block_lists(transposed_block_mask(stats["block_mask"], cfg.q_blocks_padded))
+    sp = block_specs(cfg, "kv")
+    out_specs = [sp["kv_out"], sp["kv_out"]]
+    out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
+    if cfg.debug:
+        out_specs.append(pl.BlockSpec((None, None, None), lambda j, b, h: (b, h, j)))
+        out_shape.append(jax.ShapeDtypeStruct((B, K, cfg.num_kv_blocks), jnp.int32))
+    dkdv = call(
+        functools.partial(_dkdv_kernel, cfg=cfg),
+        cfg,
+        (cfg.num_kv_blocks, B, K),
+        backward_in_specs(cfg, sp, cfg.q_blocks_padded),
+        out_specs,
+        out_shape,
+        "entmax_attention_dkdv",
+    )(alpha, q_len, kv_len, q, k, v, d_out, q_seg, kv_seg, *row_inputs, kv_counts, kv_lists)
+
+    # dQ (and the α-gradient row terms): grid over query blocks, looping over active key blocks.
+    sp = block_specs(cfg, "q")
+    out_specs = [sp["q"]]
+    out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
+    if with_alpha_grad:
+        out_specs.append(sp["row"])
+        out_shape.append(jax.ShapeDtypeStruct((B, N, cfg.q_len_padded), jnp.float32))
+    if cfg.debug:
+        out_specs.append(sp["block_scalar"])
+        out_shape.append(jax.ShapeDtypeStruct((B, N, cfg.num_q_blocks), jnp.int32))
+    dq_outs = call(
+        functools.partial(_dq_kernel, cfg=cfg, with_alpha_grad=with_alpha_grad),
+        cfg,
+        (cfg.num_q_blocks, B, N),
+        backward_in_specs(cfg, sp, cfg.kv_blocks_padded),
+        out_specs,
+        out_shape,
+        "entmax_attention_dq",
+    )(alpha, q_len, kv_len, q, k, v, d_out, q_seg, kv_seg, *row_inputs, stats["q_counts"], stats["q_lists"])
+    return dkdv, dq_outs, (kv_counts, kv_lists)
+
+

@@ -1,0 +1,179 @@
+"""Static configuration of the kernels: block sizes and launch parameters (``BlockSizes``, the
+user-facing knobs) and ``KernelConfig`` (everything static about one call)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from adasplash_jax.inputs import AttentionInputs
+
+# A finite stand-in for −inf inside kernels: keeps inf − inf = NaN out of the arithmetic.
+MASKED = -1e30
+_SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+_MAX_HEAD_DIM = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tile sizes and Triton launch parameters.
+
+    ``n_iter``: Halley–bisection passes over the keys in the τ kernel (each recomputes the
+    Q·Kᵀ tiles). None picks by α: 4 for α ≤ 1.6, 6 above (sparsemax-like rows converge
+    slowest); measured to reach float32 agreement with the exact dense path on rows of
+    512–2048 keys at several score scales.
+    """
+
+    block_q: int = 64
+    block_k: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+    n_iter: int | None = None
+
+    def solver_passes(self, alpha_static: float | None) -> int:
+        if self.n_iter is not None:
+            return self.n_iter
+        return 4 if alpha_static is not None and alpha_static <= 1.6 else 6
+
+    @classmethod
+    def for_head_dim(cls, head_dim: int) -> "BlockSizes":
+        if head_dim <= 64:
+            return cls(64, 64, 4, 2)
+        if head_dim <= 128:
+            return cls(64, 64, 8, 2)
+        return cls(32, 32, 8, 1)
+
+    def __post_init__(self):
+        for name in ("block_q", "block_k"):
+            b = getattr(self, name)
+            if b < 16 or b & (b - 1):
+                raise ValueError(f"`BlockSizes.{name}` must be a power of two ≥ 16, got {b}")
+        if self.n_iter is not None and (not isinstance(self.n_iter, int) or self.n_iter < 1):
+            raise ValueError(f"`BlockSizes.n_iter` must be an int ≥ 1 or None, got {self.n_iter!r}")
+        if not isinstance(self.num_warps, int) or self.num_warps < 1 or self.num_warps & (self.num_warps - 1):
+            raise ValueError(f"`BlockSizes.num_warps` must be a power of two ≥ 1, got {self.num_warps!r}")
+        if not isinstance(self.num_stages, int) or self.num_stages < 1:
+            raise ValueError(f"`BlockSizes.num_stages` must be an int ≥ 1, got {self.num_stages!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """Everything static about one call (hashable: it keys the custom_vjp and jit caches)."""
+
+    q_len: int
+    kv_len: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    block_q: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    n_iter: int
+    causal: bool
+    scale: float
+    alpha_static: float | None
+    has_segments: bool
+    exact_dots: bool
+    interpret: bool
+    debug: bool
+
+    @property
+    def groups(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def head_dim_padded(self) -> int:
+        return max(16, pl.next_power_of_2(self.head_dim))
+
+    @property
+    def num_q_blocks(self) -> int:
+        return pl.cdiv(self.q_len, self.block_q)
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return pl.cdiv(self.kv_len, self.block_k)
+
+    @property
+    def q_len_padded(self) -> int:
+        return self.num_q_blocks * self.block_q
+
+    @property
+    def kv_len_padded(self) -> int:
+        return self.num_kv_blocks * self.block_k
+
+    # Lists and block-mask rows are stored with a power-of-two length (Triton loads/stores).
+    @property
+    def q_blocks_padded(self) -> int:
+        return pl.next_power_of_2(self.num_q_blocks)
+
+    @property
+    def kv_blocks_padded(self) -> int:
+        return pl.next_power_of_2(self.num_kv_blocks)
+
+    def compiler_params(self):
+        return plgpu.CompilerParams(num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+def _resolve_interpret(interpret: bool | None) -> bool:
+    if interpret is None:
+        return jax.default_backend() != "gpu"
+    return bool(interpret)
+
+
+def tile_shape(block_sizes: BlockSizes, q_len: int, kv_len: int) -> tuple[int, int]:
+    """(block_q, block_k) the kernels use: the configured tiles, shrunk for short sequences
+    (decoding) to the sequence, still a power of two ≥ 16."""
+    block_q = min(block_sizes.block_q, max(16, pl.next_power_of_2(q_len)))
+    block_k = min(block_sizes.block_k, max(16, pl.next_power_of_2(kv_len)))
+    return block_q, block_k
+
+
+def default_tile_shape(head_dim: int, q_len: int, kv_len: int) -> tuple[int, int]:
+    """The tiles of a call with default block sizes (also used to count dense sparsity stats)."""
+    return tile_shape(BlockSizes.for_head_dim(head_dim), q_len, kv_len)
+
+
+def padding_mask_axis(mask):
+    """2 for a query mask [b, 1, T, 1], 3 for a key mask [b, 1, 1, S], None for any other mask."""
+    shape = (1,) * (4 - mask.ndim) + tuple(mask.shape)
+    if shape[1] != 1:
+        return None
+    if shape[2] == 1:
+        return 3
+    if shape[3] == 1:
+        return 2
+    return None
+
+
+def make_config(inp: AttentionInputs, block_sizes: BlockSizes | None, interpret: bool | None, debug: bool = False):
+    B, T, N, H = inp.query.shape
+    S, K = inp.key.shape[1], inp.key.shape[2]
+    dtype = inp.query.dtype
+    if dtype not in _SUPPORTED_DTYPES:
+        raise ValueError(f"`query` dtype {dtype} is not supported by the Pallas kernels; use float32, bfloat16 or float16")
+    if H > _MAX_HEAD_DIM:
+        raise ValueError(f"`query` head_dim {H} is not supported by the Pallas kernels (at most {_MAX_HEAD_DIM})")
+    if inp.mask is not None and padding_mask_axis(inp.mask) is None:
+        raise ValueError(
+            f"`mask` of shape {inp.mask.shape} is not supported by implementation='pallas': it takes padding masks "
+            "over keys [batch, 1, 1, kv_len] or queries [batch, 1, q_len, 1] only; express other masks with "
+            "is_causal, query_seq_lengths, key_value_seq_lengths or segment_ids, or use implementation='xla'"
+        )
+    bs = block_sizes or BlockSizes.for_head_dim(H)
+    alpha_static = inp.alpha if isinstance(inp.alpha, float) else None
+    block_q, block_k = tile_shape(bs, T, S)
+    return KernelConfig(
+        q_len=T, kv_len=S, num_heads=N, num_kv_heads=K, head_dim=H,
+        block_q=block_q, block_k=block_k, num_warps=bs.num_warps, num_stages=bs.num_stages,
+        n_iter=bs.solver_passes(alpha_static), causal=inp.is_causal, scale=inp.scale,
+        alpha_static=alpha_static,
+        has_segments=inp.q_segment_ids is not None or inp.mask is not None, exact_dots=dtype == jnp.float32,
+        interpret=_resolve_interpret(interpret), debug=debug,
+    )
+
+

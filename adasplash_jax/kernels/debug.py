@@ -1,0 +1,28 @@
+"""Debug instrumentation, kept apart from the production entry point: tile-visit counts."""
+
+from __future__ import annotations
+
+from adasplash_jax.inputs import AttentionInputs
+from adasplash_jax.kernels.attention import kernel_inputs
+from adasplash_jax.kernels.backward import backward
+from adasplash_jax.kernels.config import BlockSizes, make_config
+from adasplash_jax.kernels.forward import forward
+from adasplash_jax.tiling import pad_axis
+
+
+def tile_visits(inp: AttentionInputs, d_out, *, block_sizes: BlockSizes | None = None, interpret: bool | None = None):
+    """Debug: tiles visited by the forward, dK/dV and dQ kernels, next to the block mask.
+
+    Returns a dict of int arrays: ``forward`` [B, N, nq] (per query block), ``dkdv``
+    [B, K, nk] (per key block, summed over the group's heads), ``dq`` [B, N, nq] and
+    ``block_mask`` [B, N, nq, nk]. Skipping is real when the visits equal the mask's counts.
+    """
+    cfg = make_config(inp, block_sizes, interpret, debug=True)
+    q, k, v, alpha, q_len, kv_len, q_seg, kv_seg = kernel_inputs(cfg, inp)
+    (out, out_tilde, fwd_visits), stats = forward(cfg, alpha, q_len, kv_len, q, k, v, q_seg, kv_seg, True)
+    d_out = pad_axis(pad_axis(d_out, 1, cfg.q_len_padded), 3, cfg.head_dim_padded)
+    (_, _, dkdv_visits), (_, *rest), _ = backward(
+        cfg, alpha, q_len, kv_len, q, k, v, q_seg, kv_seg, stats, out_tilde, d_out, False
+    )
+    return dict(forward=fwd_visits, dkdv=dkdv_visits, dq=rest[0], block_mask=stats["block_mask"])
+
