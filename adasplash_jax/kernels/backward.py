@@ -20,7 +20,7 @@ from adasplash_jax.tiling import active_block_lists, pad_axis, transposed_block_
 
 def _dkdv_kernel(
     alpha_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, q_segment_ref, kv_segment_ref,
-    tau_ref, inv_norm_ref, u_scale_ref, delta_ref, count_ref, list_ref,
+    tau_ref, row_max_ref, inv_norm_ref, u_scale_ref, delta_ref, count_ref, list_ref,
     dk_ref, dv_ref, *debug_refs,
     cfg: KernelConfig,
 ):
@@ -46,7 +46,7 @@ def _dkdv_kernel(
             row = RowContext(cfg, i, q_len, kv_len, load_segment(q_segment_ref, i * cfg.block_q, cfg.block_q))
             s = dot(cfg, q, k, trans_b=True) * cfg.scale
             s = jnp.where(row.keep(kv_block, kv_segment_ref), s, MASKED)
-            _, p0, p1 = tile_powers(cfg, alpha, s, tau_ref[g, rows])
+            _, p0, p1 = tile_powers(cfg, alpha, s, tau_ref[g, rows], row_max_ref[g, rows])
             p = p0 * inv_norm_ref[g, rows][:, None]
             u = p1 * u_scale_ref[g, rows][:, None]
             dv = dv + dot(cfg, p.astype(do.dtype), do, trans_a=True)
@@ -66,7 +66,7 @@ def _dkdv_kernel(
 
 def _dq_kernel(
     alpha_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, q_segment_ref, kv_segment_ref,
-    tau_ref, inv_norm_ref, u_scale_ref, delta_ref, count_ref, list_ref,
+    tau_ref, row_max_ref, inv_norm_ref, u_scale_ref, delta_ref, count_ref, list_ref,
     dq_ref, *extra_refs,
     cfg: KernelConfig, with_alpha_grad: bool,
 ):
@@ -76,13 +76,14 @@ def _dq_kernel(
     do = do_ref[...]
     row = RowContext(cfg, q_block, q_len_ref[...], kv_len_ref[...],
                      load_segment(q_segment_ref, q_block * cfg.block_q, cfg.block_q))
-    tau, inv_norm, u_scale, delta = tau_ref[...], inv_norm_ref[...], u_scale_ref[...], delta_ref[...]
+    tau, row_max, inv_norm, u_scale, delta = (tau_ref[...], row_max_ref[...], inv_norm_ref[...], u_scale_ref[...],
+                                              delta_ref[...])
 
     def body(t, carry):
         dq, sums = carry
         j = list_ref[t]
         s, keep, k = row.scores(q, k_ref, j, kv_segment_ref)
-        _, p0, p1 = tile_powers(cfg, alpha, s, tau)
+        _, p0, p1 = tile_powers(cfg, alpha, s, tau, row_max)
         p = p0 * inv_norm[:, None]
         u = p1 * u_scale[:, None]
         v = v_ref[pl.ds(j * cfg.block_k, cfg.block_k), :]
@@ -91,7 +92,7 @@ def _dq_kernel(
         dq = dq + dot(cfg, ds.astype(k.dtype), k)
         if with_alpha_grad:
             # Row sums for dL/dα (see _alpha_grad_from_row_sums): Σu·s, Σp·log p, Σ dP·u·s, Σ dP·p·log p.
-            s_on = jnp.where(p > 0, s, 0.0)
+            s_on = jnp.where(p > 0, s - row_max[:, None], 0.0)  # shift-invariant; exact near the max
             p_log_p = jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0)
             sums = (
                 sums[0] + jnp.sum(u * s_on, 1),
@@ -115,9 +116,10 @@ def _dq_kernel(
 
 
 def backward_in_specs(cfg: KernelConfig, sp, list_width: int):
-    """Inputs of both backward kernels: α, lengths, q, k, v, dO, segments, τ, 1/Σ, u scale, δ, count, list."""
+    """Inputs of both backward kernels: α, lengths, q, k, v, dO, segments, τ, row max, 1/Σ, u scale, δ, count,
+    list."""
     return [sp["alpha"], sp["batch_scalar"], sp["batch_scalar"], sp["q"], sp["kv"], sp["kv"], sp["q"],
-            *segment_specs(cfg, sp), *[sp["row"]] * 4, sp["block_scalar"], sp["block_list"](list_width)]
+            *segment_specs(cfg, sp), *[sp["row"]] * 5, sp["block_scalar"], sp["block_list"](list_width)]
 
 
 def backward(cfg: KernelConfig, alpha, q_len, kv_len, q, k, v, q_seg, kv_seg, stats, out_tilde, d_out,
@@ -129,8 +131,9 @@ def backward(cfg: KernelConfig, alpha, q_len, kv_len, q, k, v, q_seg, kv_seg, st
     norm = stats["norm"]
     alpha_rows = (jnp.float32(cfg.alpha_static) if cfg.alpha_static is not None else alpha[None, :, None])
     # u = p^(2−α) with p = z^c0 / Σ: u = z^c1 · Σ^(α−2).
-    u_scale = jnp.where(norm > 0, jnp.exp((alpha_rows - 2.0) * jnp.log(jnp.where(norm > 0, norm, 1.0))), 0.0)
-    row_inputs = (stats["tau"], stats["inv_norm"], u_scale, delta)
+    u_scale = jnp.where(norm > 0, jnp.exp((alpha_rows - 2.0) * jnp.log(jnp.where(norm > 0, norm, 1.0))),
+                        jnp.where(jnp.isnan(norm), jnp.nan, 0.0))
+    row_inputs = (stats["tau"], stats["row_max"], stats["inv_norm"], u_scale, delta)
 
     # dK, dV: grid over key blocks, per kv head, looping over the group's heads' active query blocks.
     kv_counts, kv_lists = active_block_lists(transposed_block_mask(stats["block_mask"], cfg.q_blocks_padded))

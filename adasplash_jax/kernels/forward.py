@@ -23,7 +23,7 @@ from adasplash_jax.tiling import active_block_lists, pad_axis
 
 def _forward_kernel(
     alpha_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, q_segment_ref, kv_segment_ref,
-    tau_ref, inv_norm_ref, count_ref, list_ref,
+    tau_ref, row_max_ref, inv_norm_ref, count_ref, list_ref,
     out_ref, *extra_refs,
     cfg: KernelConfig, with_residual: bool,
 ):
@@ -32,14 +32,14 @@ def _forward_kernel(
     q = q_ref[...]
     row = RowContext(cfg, q_block, q_len_ref[...], kv_len_ref[...],
                      load_segment(q_segment_ref, q_block * cfg.block_q, cfg.block_q))
-    tau = tau_ref[...]
+    tau, row_max = tau_ref[...], row_max_ref[...]
     hp = cfg.head_dim_padded
 
     def body(t, carry):
         acc, acc_u, u_sum = carry
         j = list_ref[t]
         s, _, _ = row.scores(q, k_ref, j, kv_segment_ref)
-        _, p0, p1 = tile_powers(cfg, alpha, s, tau)
+        _, p0, p1 = tile_powers(cfg, alpha, s, tau, row_max)
         v = v_ref[pl.ds(j * cfg.block_k, cfg.block_k), :]
         acc = acc + dot(cfg, p0.astype(v.dtype), v)
         if with_residual:
@@ -62,8 +62,8 @@ def _forward_kernel(
 
 def forward(cfg: KernelConfig, alpha, q_len, kv_len, q, k, v, q_seg, kv_seg, with_residual: bool):
     B, N = q.shape[0], cfg.num_heads
-    tau, norm, nonzero, allowed, block_mask = thresholds(cfg, alpha, q_len, kv_len, q, k, q_seg, kv_seg)
-    inv_norm = jnp.where(norm > 0, 1.0 / jnp.where(norm > 0, norm, 1.0), 0.0)
+    tau, row_max, norm, nonzero, allowed, block_mask = thresholds(cfg, alpha, q_len, kv_len, q, k, q_seg, kv_seg)
+    inv_norm = jnp.where(norm > 0, 1.0 / jnp.where(norm > 0, norm, 1.0), jnp.where(jnp.isnan(norm), jnp.nan, 0.0))
     q_counts, q_lists = active_block_lists(pad_axis(block_mask, -1, cfg.kv_blocks_padded))
     sp = block_specs(cfg, "q")
     out_specs = [sp["q"]]
@@ -79,13 +79,13 @@ def forward(cfg: KernelConfig, alpha, q_len, kv_len, q, k, v, q_seg, kv_seg, wit
         cfg,
         (cfg.num_q_blocks, B, N),
         [sp["alpha"], sp["batch_scalar"], sp["batch_scalar"], sp["q"], sp["kv"], sp["kv"],
-         *segment_specs(cfg, sp), sp["row"], sp["row"], sp["block_scalar"],
+         *segment_specs(cfg, sp), sp["row"], sp["row"], sp["row"], sp["block_scalar"],
          sp["block_list"](cfg.kv_blocks_padded)],
         out_specs,
         out_shape,
         "entmax_attention_forward",
-    )(alpha, q_len, kv_len, q, k, v, q_seg, kv_seg, tau, inv_norm, q_counts, q_lists)
-    stats = dict(tau=tau, norm=norm, inv_norm=inv_norm, nonzero=nonzero, allowed=allowed,
+    )(alpha, q_len, kv_len, q, k, v, q_seg, kv_seg, tau, row_max, inv_norm, q_counts, q_lists)
+    stats = dict(tau=tau, row_max=row_max, norm=norm, inv_norm=inv_norm, nonzero=nonzero, allowed=allowed,
                  block_mask=block_mask, q_counts=q_counts, q_lists=q_lists)
     return outs, stats
 

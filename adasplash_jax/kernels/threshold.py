@@ -23,7 +23,7 @@ from adasplash_jax.solver import powers, solver_step, threshold_bracket
 
 def _threshold_kernel(
     alpha_ref, q_len_ref, kv_len_ref, q_ref, k_ref, q_segment_ref, kv_segment_ref,
-    tau_ref, norm_ref, nonzero_ref, allowed_ref, block_mask_ref,
+    tau_ref, row_max_ref, norm_ref, nonzero_ref, allowed_ref, block_mask_ref,
     *, cfg: KernelConfig,
 ):
     q_block = pl.program_id(0)
@@ -34,20 +34,28 @@ def _threshold_kernel(
     num_blocks = row.key_block_bound()
     x_scale = alpha - 1.0
 
+    # Pass 1: row max m of the scores, the allowed count, and Σ(s − m) for the Jensen
+    # bound (kept relative to the running max, so it stays exact at any score magnitude).
     def max_pass(j, carry):
         row_max, row_sum, allowed = carry
         s, keep, _ = row.scores(q, k_ref, j, kv_segment_ref)
-        row_max = jnp.maximum(row_max, jnp.max(s, axis=1) * x_scale)
-        row_sum = row_sum + jnp.sum(jnp.where(keep, s, 0.0), axis=1) * x_scale
+        new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
+        row_sum = row_sum + allowed * (row_max - new_max) + jnp.sum(jnp.where(keep, s - new_max[:, None], 0.0), 1)
         allowed = allowed + jnp.sum(keep.astype(jnp.float32), axis=1)
-        return row_max, row_sum, allowed
+        return new_max, row_sum, allowed
 
     zero = jnp.zeros((cfg.block_q,), jnp.float32)
     init = (jnp.full((cfg.block_q,), MASKED, jnp.float32), zero, zero)
     row_max, row_sum, allowed = lax.fori_loop(0, num_blocks, max_pass, init)
-    # Rows with nothing to attend to keep τ = 0, far above their MASKED scores.
-    has_any = allowed > 0
-    lo, hi = threshold_bracket(row_max, allowed, alpha, row_mean=row_sum / jnp.maximum(allowed, 1.0))
+    # τ is solved on x = (α−1)(s − m), whose max is 0, as on the dense path: (α−1)·s itself
+    # loses every digit of z = x − τ once scores reach ~1e7. Rows with nothing to attend
+    # to keep τ = 0, far above their masked x.
+    # A NaN or +inf score (or a NaN α: out of range) makes Σ(s − m) NaN; such rows come
+    # out NaN (the library's NaN policy), never as a masked row of zeros.
+    bad = jnp.isnan(row_sum) | jnp.isnan(x_scale)
+    has_any = (allowed > 0) & ~bad
+    x_mean = x_scale * row_sum / jnp.maximum(allowed, 1.0)
+    lo, hi = threshold_bracket(jnp.zeros_like(row_max), allowed, alpha, row_mean=x_mean)
     lo, hi = jnp.where(has_any, lo, 0.0), jnp.where(has_any, hi, 0.0)
     tau = 0.5 * (lo + hi)
 
@@ -56,7 +64,7 @@ def _threshold_kernel(
 
         def sums(j, acc):
             s, _, _ = row.scores(q, k_ref, j, kv_segment_ref)
-            z = jnp.maximum(x_scale * s - tau[:, None], 0.0)
+            z = jnp.maximum(x_scale * (s - row_max[:, None]) - tau[:, None], 0.0)
             t0, t1, t2 = powers(cfg.alpha_static, alpha, z)
             return acc[0] + jnp.sum(t0, 1), acc[1] + jnp.sum(t1, 1), acc[2] + jnp.sum(t2, 1)
 
@@ -70,7 +78,7 @@ def _threshold_kernel(
     def final_pass(j, carry):
         norm, nonzero, bits = carry
         s, _, _ = row.scores(q, k_ref, j, kv_segment_ref)
-        z, p0, _ = tile_powers(cfg, alpha, s, tau)
+        z, p0, _ = tile_powers(cfg, alpha, s, tau, row_max)
         support = (z > 0).astype(jnp.float32)
         active = jnp.max(support).astype(jnp.int32)
         bits = jnp.where(jnp.arange(cfg.kv_blocks_padded) == j, active, bits)
@@ -80,7 +88,9 @@ def _threshold_kernel(
     norm, nonzero, bits = lax.fori_loop(
         0, num_blocks, final_pass, (zero, zero, jnp.zeros((cfg.kv_blocks_padded,), jnp.int32))
     )
+    norm = jnp.where(bad, jnp.nan, norm)
     tau_ref[...] = tau
+    row_max_ref[...] = row_max
     norm_ref[...] = norm
     nonzero_ref[...] = nonzero
     allowed_ref[...] = allowed
@@ -97,11 +107,11 @@ def thresholds(cfg: KernelConfig, alpha, q_len, kv_len, q, k, q_seg, kv_seg):
         cfg,
         (cfg.num_q_blocks, B, N),
         [sp["alpha"], sp["batch_scalar"], sp["batch_scalar"], sp["q"], sp["kv"], *segment_specs(cfg, sp)],
-        [sp["row"]] * 4 + [sp["block_list"](cfg.kv_blocks_padded)],
-        [row_shape] * 4 + [jax.ShapeDtypeStruct((B, N, cfg.num_q_blocks, cfg.kv_blocks_padded), jnp.int32)],
+        [sp["row"]] * 5 + [sp["block_list"](cfg.kv_blocks_padded)],
+        [row_shape] * 5 + [jax.ShapeDtypeStruct((B, N, cfg.num_q_blocks, cfg.kv_blocks_padded), jnp.int32)],
         "entmax_threshold",
     )(alpha, q_len, kv_len, q, k, q_seg, kv_seg)
-    tau, norm, nonzero, allowed, block_mask = outs
-    return tau, norm, nonzero, allowed, block_mask[..., : cfg.num_kv_blocks]
+    tau, row_max, norm, nonzero, allowed, block_mask = outs
+    return tau, row_max, norm, nonzero, allowed, block_mask[..., : cfg.num_kv_blocks]
 
 

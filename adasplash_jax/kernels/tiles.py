@@ -64,9 +64,10 @@ def alpha_of(cfg: KernelConfig, alpha_ref, index):
     return cfg.alpha_static if cfg.alpha_static is not None else alpha_ref[index]
 
 
-def tile_powers(cfg: KernelConfig, alpha, s, tau):
-    """(z^c0, z^c1) with z = [(α−1)·s − τ]_+ (masked entries give z = 0)."""
-    z = jnp.maximum((alpha - 1.0) * s - tau[:, None], 0.0)
+def tile_powers(cfg: KernelConfig, alpha, s, tau, row_max):
+    """(z, z^c0, z^c1) with z = [(α−1)·(s − m) − τ]_+, m the row's score max (masked entries
+    give z = 0). τ is relative to the shifted row, whose max is 0."""
+    z = jnp.maximum((alpha - 1.0) * (s - row_max[:, None]) - tau[:, None], 0.0)
     p0, p1, _ = powers(cfg.alpha_static, alpha, z)
     return z, p0, p1
 
