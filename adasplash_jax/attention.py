@@ -55,7 +55,8 @@ def entmax_attention(
       query: [batch, q_len, heads, head_dim].
       key, value: [batch, kv_len, kv_heads, head_dim]; ``heads`` must be a multiple of
         ``kv_heads`` (grouped-query attention; K/V are never repeated in memory).
-      alpha: a float in (1, 2] or an array [heads] (one α per query head, differentiable).
+      alpha: a float in [1.001, 2] or an array [heads] (one α per query head, differentiable;
+        a traced α outside that range gives NaN).
       mask: bool, broadcastable to [batch, heads, q_len, kv_len]; True keeps.
       is_causal: causal mask, top-left aligned like ``jax.nn.dot_product_attention``.
       scale: score scale, default ``1/sqrt(head_dim)``.

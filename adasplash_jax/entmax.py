@@ -33,10 +33,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adasplash_jax.inputs import check_alpha
+from adasplash_jax.inputs import ALPHA_MIN, alpha_or_nan, check_alpha
 from adasplash_jax.solver import Solver, choose_solver, powers, solve_threshold
 
-__all__ = ["entmax", "entmax15", "sparsemax", "entmax_threshold", "check_alpha"]
+__all__ = ["entmax", "entmax15", "sparsemax", "entmax_threshold", "check_alpha", "ALPHA_MIN"]
 
 
 def _static_alpha(alpha) -> float | None:
@@ -98,19 +98,25 @@ def _shift_scale(x, row_max, alpha):
 def _prepare(x, alpha):
     """Shifts rows to max 0 and scales by (α − 1).
 
-    Returns (scaled, has_any, row_max): ``scaled`` is −inf exactly where ``x`` is
-    −inf (fully masked rows are shifted by 0, so they stay −inf and never make NaN).
+    Returns (scaled, has_any, bad, row_max, alpha): ``scaled`` is −inf exactly where ``x``
+    is −inf (fully masked rows are shifted by 0, so they stay −inf and never make NaN).
+    ``bad`` marks rows that hold NaN or +inf, or whose α is NaN (out of range): they are
+    solved as a harmless zero row with α = 1.5 and come out as NaN (the NaN policy: like
+    ``jax.nn.softmax``, such a row is NaN, never mistaken for a masked row of zeros).
     """
     x = x.astype(jnp.float32)
     row_max = jnp.max(x, axis=-1, keepdims=True)
-    has_any = row_max > -jnp.inf
+    bad = jnp.isnan(row_max) | (row_max == jnp.inf) | jnp.isnan(alpha)
+    has_any = (row_max > -jnp.inf) & ~bad
     row_max = jnp.where(has_any, row_max, 0.0)
-    return _shift_scale(x, row_max, alpha), has_any, row_max
+    alpha = jnp.where(bad, 1.5, alpha)
+    scaled = jnp.where(bad, 0.0, _shift_scale(x, row_max, alpha))
+    return scaled, has_any, bad, row_max, alpha
 
 
 def _row_statistics(x, alpha, alpha_static, solver, n_iter):
     """Row max, τ and the normaliser 1/Σp of each row (row-wise, so it runs in row blocks)."""
-    scaled, has_any, row_max = _prepare(x, alpha)
+    scaled, has_any, bad, row_max, alpha = _prepare(x, alpha)
     tau, mass = solve_threshold(scaled, alpha, alpha_static, solver, n_iter)
 
     def measure(mass):
@@ -122,7 +128,7 @@ def _row_statistics(x, alpha, alpha_static, solver, n_iter):
     # fixed n_iter and the sort solver cost one more read.
     total = jax.lax.cond(jnp.any(jnp.isnan(mass)), measure, lambda m: m, mass)
     scale = jnp.where(has_any & (total > 0), 1.0 / jnp.where(total > 0, total, 1.0), 0.0)
-    return row_max, tau, scale
+    return row_max, tau, jnp.where(bad, jnp.nan, scale)
 
 
 def _probabilities(x, alpha, alpha_static, solver, n_iter):
@@ -233,7 +239,7 @@ def _validate(x, axis, n_iter, alpha, solver):
     if alpha_static is not None:
         alpha_rows = jnp.full(row_shape + (1,), alpha_static, jnp.float32)
     else:
-        alpha_arr = jnp.asarray(alpha, jnp.float32)
+        alpha_arr = alpha_or_nan(alpha)
         reduced_shape = x.shape[:axis] + x.shape[axis + 1:]
         try:
             alpha_rows = jnp.broadcast_to(alpha_arr, reduced_shape)
@@ -252,9 +258,10 @@ def entmax(x, alpha=1.5, axis: int = -1, *, n_iter: int | None = None, solver: S
     Args:
       x: scores, any float dtype (computed in float32; the output has x's dtype).
         Entries equal to ``-inf`` get exactly 0; a row of only ``-inf`` gives zeros.
-      alpha: a Python float in (1, 2] (1.5 = entmax15, 2 = sparsemax), or a float
+      alpha: a Python float in [1.001, 2] (1.5 = entmax15, 2 = sparsemax; see ALPHA_MIN), or a float
         array broadcastable against ``x`` with ``axis`` removed (e.g. one α per head).
-        Array α is differentiable, so it can be learned; its values must lie in (1, 2].
+        Array α is differentiable, so it can be learned; its values must lie in [1.001, 2]
+        (checked when concrete; a traced α outside that range gives NaN).
       axis: the axis that sums to one.
       n_iter: iterations of the threshold solver; None iterates until
         ``|Σp − 1| < 1e-6`` (float32 precision), capped.
@@ -295,8 +302,9 @@ def entmax_threshold(x, alpha=1.5, axis: int = -1, *, n_iter: int | None = None,
 @functools.partial(jax.jit, static_argnums=(2, 3, 4))
 def _threshold_jit(xm, alpha_rows, alpha_static, solver, n_iter):
     def rows(x, alpha):
-        scaled, has_any, row_max = _prepare(x, alpha)
-        tau, _ = solve_threshold(scaled, alpha, alpha_static, solver, n_iter)
-        return jnp.where(has_any, tau + (alpha - 1.0) * row_max, jnp.inf)
+        scaled, has_any, bad, row_max, safe_alpha = _prepare(x, alpha)
+        tau, _ = solve_threshold(scaled, safe_alpha, alpha_static, solver, n_iter)
+        tau = jnp.where(has_any, tau + (alpha - 1.0) * row_max, jnp.inf)
+        return jnp.where(bad, jnp.nan, tau)
 
     return _row_wise(rows, xm, alpha_rows)
