@@ -21,7 +21,7 @@ _FLOOR = -2.0
 # Iteration caps used when ``n_iter`` is None (the solver stops earlier once converged).
 _MAX_ITER = {"halley": 30, "bisect": 60}
 # Stop once |Σ p − 1| is below this (fp32 sums of long rows cannot do much better).
-_TOL = 1e-6
+TOL = 1e-6
 # Smallest z whose powers are taken (z = 0 is masked out by sign(z) instead).
 _TINY = 1e-30
 # A Halley step from a residual |Σp − 1| below this ends the iteration (see below).
@@ -76,7 +76,7 @@ def threshold_bracket(row_max, count, alpha, row_mean=None):
 
 def _bracket(n: int, alpha):
     """The bracket of rows shifted to max 0 whose static length n bounds the entry count."""
-    return threshold_bracket(jnp.zeros_like(alpha), jnp.float32(max(n, 1)), alpha)
+    return threshold_bracket(jnp.zeros_like(alpha), jnp.asarray(max(n, 1), alpha.dtype), alpha)
 
 
 def _power_sums(alpha_static: float | None, alpha, x, tau):
@@ -100,6 +100,12 @@ def _power_sums(alpha_static: float | None, alpha, x, tau):
     p1 = on * jnp.exp(c1 * jnp.log(zc))
     return (jnp.sum(p1 * z, axis=-1, keepdims=True), jnp.sum(p1, axis=-1, keepdims=True),
             jnp.sum(p1 / zc, axis=-1, keepdims=True))
+
+
+def no_progress(tau, new_tau, newton):
+    """Rows with no float32 progress left: the step and f/f' both below τ's resolution."""
+    resolution = 2.0**-22 * (jnp.abs(tau) + 2.0**-22)
+    return (jnp.abs(new_tau - tau) <= resolution) & (jnp.abs(newton - tau) <= resolution)
 
 
 def solver_step(alpha_static: float | None, alpha, tau, lo, hi, s0, s1, s2, *, use_halley: bool = True,
@@ -271,7 +277,7 @@ def _threshold_iterative(x, alpha, alpha_static, n_iter, solver):
     never leaves the bracket. "halley" starts from the middle of the analytic bracket;
     "histogram" spends its first pass on `_histogram_start` instead.
 
-    If n_iter is None, a row stops once |Σp − 1| < _TOL or the step is below float32
+    If n_iter is None, a row stops once |Σp − 1| < TOL or the step is below float32
     resolution of τ; the loop ends when every row has stopped (or at the cap).
     Otherwise exactly n_iter passes are made (the histogram pass counts as one).
 
@@ -305,17 +311,13 @@ def _threshold_iterative(x, alpha, alpha_static, n_iter, solver):
         return tau, jnp.full_like(tau, jnp.nan)
 
     cap = _MAX_ITER["halley" if use_halley else "bisect"]
-    tiny = 2.0 ** -22
-
     def iterate(x, alpha, i, state, go_on):
         """Passes over the rows of x while go_on(done) holds, up to the cap."""
         def body(carry):
             i, (tau, lo, hi, support, mass, done) = carry
             new_tau, lo, hi, f, newton, predicted, support = propose(x, alpha, tau, lo, hi, support)
-            converged = jnp.abs(f) < _TOL
-            # No float32 progress left: the step and f/f' are both below τ's resolution.
-            stalled = (jnp.abs(new_tau - tau) <= tiny * jnp.abs(tau)) & (
-                jnp.abs(newton - tau) <= tiny * jnp.abs(tau))
+            converged = jnp.abs(f) < TOL
+            stalled = no_progress(tau, new_tau, newton)
             # A converged or stalled row keeps the τ its mass f + 1 was measured at. A
             # predicted one moves on: its mass is 1 for a static α = 2, whose predictions
             # are certified exact roots, and unknown (measured later) for a Halley step.

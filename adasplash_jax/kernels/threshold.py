@@ -18,7 +18,7 @@ from jax.experimental import pallas as pl
 from adasplash_jax.kernels.config import MASKED, KernelConfig
 from adasplash_jax.kernels.specs import block_specs, call, segment_specs
 from adasplash_jax.kernels.tiles import RowContext, alpha_of, load_segment, tile_powers
-from adasplash_jax.solver import powers, solver_step, threshold_bracket
+from adasplash_jax.solver import TOL, no_progress, powers, solver_step, threshold_bracket
 
 
 def _threshold_kernel(
@@ -59,8 +59,8 @@ def _threshold_kernel(
     lo, hi = jnp.where(has_any, lo, 0.0), jnp.where(has_any, hi, 0.0)
     tau = 0.5 * (lo + hi)
 
-    def solver_iteration(_, carry):
-        tau, lo, hi = carry
+    def solver_iteration(carry):
+        i, tau, lo, hi, _ = carry
 
         def sums(j, acc):
             s, _, _ = row.scores(q, k_ref, j, kv_segment_ref)
@@ -70,10 +70,18 @@ def _threshold_kernel(
 
         zero = jnp.zeros((cfg.block_q,), jnp.float32)
         s0, s1, s2 = lax.fori_loop(0, num_blocks, sums, (zero, zero, zero))
-        new_tau, lo, hi, f, *_ = solver_step(cfg.alpha_static, alpha, tau, lo, hi, s0, s1, s2)
-        return jnp.where(f == 0, tau, new_tau), lo, hi
+        new_tau, lo, hi, f, newton, predicted, _ = solver_step(cfg.alpha_static, alpha, tau, lo, hi, s0, s1, s2)
+        new_tau = jnp.where(f == 0, tau, new_tau)
+        # A row is done as in the dense solver: converged, no float32 progress left, or a
+        # Halley step from a small residual (already at float32 precision).
+        done = ~has_any | (jnp.abs(f) < TOL) | no_progress(tau, new_tau, newton) | predicted
+        return i + 1, new_tau, lo, hi, jnp.min(done.astype(jnp.int32))
 
-    tau, lo, hi = lax.fori_loop(0, cfg.n_iter, solver_iteration, (tau, lo, hi))
+    def keep_going(carry):
+        i, *_, all_done = carry
+        return (i < cfg.n_iter) & (all_done == 0) if cfg.adaptive else i < cfg.n_iter
+
+    _, tau, lo, hi, _ = lax.while_loop(keep_going, solver_iteration, (0, tau, lo, hi, jnp.int32(0)))
 
     def final_pass(j, carry):
         norm, nonzero, bits = carry
