@@ -9,6 +9,7 @@ entmax → tiling → dense / kernels → here.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from adasplash_jax.dense import dense_attention, dense_sparsity_stats
 from adasplash_jax.inputs import AttentionInputs, SparsityStats, check_attention_inputs
@@ -94,6 +95,12 @@ def _dispatch(inp: AttentionInputs, implementation, interpret, block_sizes, *, r
     if implementation not in _IMPLEMENTATIONS:
         raise ValueError(f"`implementation` must be one of {_IMPLEMENTATIONS}, got {implementation!r}")
     implementation = implementation or default_implementation()
+    if inp.query.size == 0 or inp.key.size == 0:
+        # Empty batch, lengths, heads or head_dim: an empty result (no keys: zero rows, as
+        # for queries with nothing to attend to); no kernel is launched.
+        out = jnp.zeros(inp.query.shape, inp.query.dtype)
+        zeros = jnp.zeros((inp.query.shape[2],), jnp.float32)
+        return (out, SparsityStats(zeros, zeros)) if return_stats else out
     if implementation == "xla":
         if block_sizes is not None or interpret is not None:
             raise ValueError("`block_sizes` and `interpret` apply to implementation='pallas' only")

@@ -31,9 +31,8 @@ def dense_attention(inp: AttentionInputs, *, return_probabilities: bool = False,
     _, S, K, _ = inp.key.shape
     G = inp.num_groups
     q = inp.query.reshape(B, T, K, G, H)
-    scores = jnp.einsum(
-        "btkgh,bskh->bkgts", q, inp.key, preferred_element_type=jnp.float32
-    ) * jnp.float32(inp.scale)
+    acc = jnp.float64 if inp.query.dtype == jnp.float64 else jnp.float32  # float64 stays float64 (x64 mode)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, inp.key, preferred_element_type=acc) * jnp.asarray(inp.scale, acc)
     keep = dense_keep_mask(inp)
     keep = jnp.broadcast_to(keep, (keep.shape[0], N, T, S)).reshape(keep.shape[0], K, G, T, S)
     scores = jnp.where(keep, scores, -jnp.inf)
@@ -41,9 +40,7 @@ def dense_attention(inp: AttentionInputs, *, return_probabilities: bool = False,
     weights = probs
     if transform_probabilities is not None:
         weights = transform_probabilities(probs.reshape(B, N, T, S)).reshape(probs.shape)
-    out = jnp.einsum(
-        "bkgts,bskh->btkgh", weights, inp.value.astype(jnp.float32), preferred_element_type=jnp.float32
-    )
+    out = jnp.einsum("bkgts,bskh->btkgh", weights, inp.value.astype(acc), preferred_element_type=acc)
     out = out.reshape(B, T, N, H).astype(inp.query.dtype)
     if return_probabilities:
         return out, probs.reshape(B, N, T, S)

@@ -39,6 +39,11 @@ from adasplash_jax.solver import Solver, choose_solver, powers, solve_threshold
 __all__ = ["entmax", "entmax15", "sparsemax", "entmax_threshold", "check_alpha", "ALPHA_MIN"]
 
 
+def _compute_dtype(x):
+    """float64 for float64 input (with jax_enable_x64), float32 for every other float dtype."""
+    return jnp.float64 if x.dtype == jnp.float64 else jnp.float32
+
+
 def _static_alpha(alpha) -> float | None:
     return float(alpha) if isinstance(alpha, float) else None
 
@@ -104,7 +109,6 @@ def _prepare(x, alpha):
     solved as a harmless zero row with α = 1.5 and come out as NaN (the NaN policy: like
     ``jax.nn.softmax``, such a row is NaN, never mistaken for a masked row of zeros).
     """
-    x = x.astype(jnp.float32)
     row_max = jnp.max(x, axis=-1, keepdims=True)
     bad = jnp.isnan(row_max) | (row_max == jnp.inf) | jnp.isnan(alpha)
     has_any = (row_max > -jnp.inf) & ~bad
@@ -137,9 +141,8 @@ def _probabilities(x, alpha, alpha_static, solver, n_iter):
     The solver's passes run per row block (`_row_wise`); p itself is one elementwise
     pass over the whole input.
     """
-    stats = functools.partial(_row_statistics, alpha_static=alpha_static, solver=solver, n_iter=n_iter)
-    row_max, tau, scale = _row_wise(stats, x, alpha)
-    z = jnp.maximum(_shift_scale(x.astype(jnp.float32), row_max, alpha) - tau, 0.0)
+    row_max, tau, scale = _row_thresholds(x, alpha, alpha_static, solver, n_iter)
+    z = jnp.maximum(_shift_scale(x, row_max, alpha) - tau, 0.0)
     p, _, _ = powers(alpha_static, alpha, z)
     return p * scale, row_max
 
@@ -157,53 +160,86 @@ def alpha_grad_from_row_sums(alpha, delta, us, plogp, dp_us, dp_plogp, u_sum):
     return c0 * (dp_us - tau_prime * delta * u_sum - dp_plogp)
 
 
-def _support_weights(p, alpha, alpha_static):
-    """u = p^(2−α) on the support, 0 elsewhere."""
-    if alpha_static == 2.0:
-        return jnp.sign(p)  # p ≥ 0; like `_power_sums`, sign beats a select on XLA:CPU
-    pos = p > 0
-    if alpha_static == 1.5:
-        return jnp.sqrt(p)
-    log_p = jnp.log(jnp.where(pos, p, 1.0))
-    return jnp.where(pos, jnp.exp((2.0 - alpha) * log_p), 0.0)
+# Shifted scores below this are outside any support; clamping keeps (x − m)·dα finite
+# where x = −inf (a −inf times a zero tangent would be NaN under second derivatives).
+_SHIFT_FLOOR = -1e30
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
+def _row_thresholds(x, alpha, alpha_static, solver, n_iter):
+    """(row max m, τ, 1/Σp) of each row; τ is that of the shifted rows (α−1)(x − m).
+
+    m carries no derivative (entmax is shift-invariant). τ's derivative follows from
+    Σ_j z_j^c0 = 1 with z = (α−1)(x − m) − τ (jvp below); the normaliser's is 0 (Σp = 1).
+    The solver itself is never differentiated.
+    """
+    stats = functools.partial(_row_statistics, alpha_static=alpha_static, solver=solver, n_iter=n_iter)
+    return _row_wise(stats, x, alpha)
+
+
+@_row_thresholds.defjvp
+def _row_thresholds_jvp(alpha_static, solver, n_iter, primals, tangents):
+    x, alpha = primals
+    dx, d_alpha = tangents
+    row_max, tau, scale = _row_thresholds(x, alpha, alpha_static, solver, n_iter)
+    shifted = jnp.maximum(x - row_max, _SHIFT_FLOOR)
+    z = jnp.maximum((alpha - 1.0) * shifted - tau, 0.0)
+    p0, p1, _ = powers(alpha_static, alpha, z)
+    row_sum = lambda t: jnp.sum(t, axis=-1, keepdims=True)  # noqa: E731
+    s1 = row_sum(p1)
+    w = p1 / jnp.where(s1 > 0, s1, 1.0)
+    # c0·Σ z^c1·((α−1)dx + (x − m)dα − dτ) + Σ z^c0·log z·dc0 = 0, with dc0 = −dα/(α−1)².
+    d_tau = (alpha - 1.0) * row_sum(w * dx)
+    if alpha_static is None:
+        on = z > 0
+        z_log_z = jnp.where(on, p0 * jnp.log(jnp.where(on, z, 1.0)), 0.0)
+        d_tau = d_tau + d_alpha * (row_sum(w * jnp.where(on, shifted, 0.0))
+                                   - row_sum(z_log_z) / ((alpha - 1.0) * jnp.where(s1 > 0, s1, 1.0)))
+    return (row_max, tau, scale), (jnp.zeros_like(row_max), d_tau, jnp.zeros_like(scale))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
 def _entmax_last(x, alpha, alpha_static, solver, n_iter):
     p, _ = _probabilities(x, alpha, alpha_static, solver, n_iter)
     return p
 
 
-def _entmax_last_fwd(x, alpha, alpha_static, solver, n_iter):
-    p, row_max = _probabilities(x, alpha, alpha_static, solver, n_iter)
-    # The α gradient needs the scores; a static α does not, so nothing more is saved.
-    scores = None if alpha_static is not None else (x, row_max)
-    return p, (p, scores, alpha)
+@_entmax_last.defjvp
+def _entmax_last_jvp(alpha_static, solver, n_iter, primals, tangents):
+    """dp = u ⊙ (dx − δ) + dα·∂p/∂α with u = p^(2−α) on the support, δ = Σu·dx / Σu.
 
-
-def _entmax_last_bwd(alpha_static, solver, n_iter, res, g):
-    p, scores, alpha = res
-    g = g.astype(jnp.float32)
-    u = _support_weights(p, alpha, alpha_static)
-    u_sum = jnp.sum(u, axis=-1, keepdims=True)
-    u_sum_safe = jnp.where(u_sum > 0, u_sum, 1.0)
-    delta = jnp.sum(u * g, axis=-1, keepdims=True) / u_sum_safe
-    dx = u * (g - delta)
-    if alpha_static is not None:
-        return dx, jnp.zeros_like(alpha)
-    x, row_max = scores
-    # The α gradient is shift-invariant in s, so the row-max-shifted scores are used
-    # (finite on the support).
-    pos = p > 0
-    s = jnp.where(pos, x.astype(jnp.float32) - row_max, 0.0)
-    p_log_p = jnp.where(pos, p * jnp.log(jnp.where(pos, p, 1.0)), 0.0)
+    Linear in the tangents, so reverse mode comes from transposing it (residual: u, as
+    the closed-form backward needs). The primal quantities are written through the
+    differentiable τ of `_row_thresholds` and safe powers of z, so their own derivatives
+    (jax.hessian, reverse-over-reverse) are finite: u = z^c1·(1/Σ)^(2−α), never √p at 0.
+    """
+    x, alpha = primals
+    dx, d_alpha = tangents
+    row_max, tau, scale = _row_thresholds(x, alpha, alpha_static, solver, n_iter)
+    shifted = jnp.maximum(x - row_max, _SHIFT_FLOOR)
+    z = jnp.maximum((alpha - 1.0) * shifted - tau, 0.0)
+    p0, p1, _ = powers(alpha_static, alpha, z)
+    p = p0 * scale
+    if alpha_static == 2.0:
+        u = p1
+    else:  # p^(2−α) = z^c1 · scale^(2−α); bad rows (scale NaN) stay NaN
+        safe_scale = jnp.where(scale > 0, scale, 1.0)
+        u = p1 * jnp.where(scale > 0, jnp.exp((2.0 - alpha) * jnp.log(safe_scale)), scale)
     row_sum = lambda t: jnp.sum(t, axis=-1, keepdims=True)  # noqa: E731
-    d_alpha = alpha_grad_from_row_sums(alpha, delta, row_sum(u * s), row_sum(p_log_p), row_sum(g * u * s),
-                                       row_sum(g * p_log_p), u_sum)
-    return dx, d_alpha
+    u_sum = row_sum(u)
+    u_sum_safe = jnp.where(u_sum > 0, u_sum, 1.0)
+    dp = u * (dx - row_sum(u * dx) / u_sum_safe)
+    if alpha_static is not None:
+        return p, dp
+    # p_j(α) = z_j^c0, c0 = 1/(α−1): dp_j/dα = c0·(u_j(s_j − τ') − p_j log p_j) with
+    # τ' = (Σus − Σ p log p)/Σu (see `alpha_grad_from_row_sums`, its contracted form).
+    on = p > 0
+    s = jnp.where(on, shifted, 0.0)
+    p_log_p = jnp.where(on, p * jnp.log(jnp.where(on, p, 1.0)), 0.0)
+    tau_prime = (row_sum(u * s) - row_sum(p_log_p)) / u_sum_safe
+    dp = dp + d_alpha * (u * (s - tau_prime) - p_log_p) / (alpha - 1.0)
+    return p, dp
 
-
-_entmax_last.defvjp(_entmax_last_fwd, _entmax_last_bwd)
 
 # One compiled program per (shape, α, solver) in eager use; a plain nested call under jit.
 _entmax_last_jit = jax.jit(_entmax_last, static_argnums=(2, 3, 4))
@@ -237,7 +273,7 @@ def _validate(x, axis, n_iter, alpha, solver):
     xm = jnp.moveaxis(x, axis, -1)
     row_shape = xm.shape[:-1]
     if alpha_static is not None:
-        alpha_rows = jnp.full(row_shape + (1,), alpha_static, jnp.float32)
+        alpha_rows = jnp.full(row_shape + (1,), alpha_static, _compute_dtype(x))
     else:
         alpha_arr = alpha_or_nan(alpha)
         reduced_shape = x.shape[:axis] + x.shape[axis + 1:]
@@ -248,7 +284,7 @@ def _validate(x, axis, n_iter, alpha, solver):
                 f"`alpha` of shape {alpha_arr.shape} does not broadcast against the input shape "
                 f"without axis {axis}, {reduced_shape}"
             ) from None
-        alpha_rows = jnp.expand_dims(alpha_rows, -1)
+        alpha_rows = jnp.expand_dims(alpha_rows, -1).astype(_compute_dtype(x))
     return x, xm, axis, alpha_rows, alpha_static, solver
 
 
@@ -256,7 +292,7 @@ def entmax(x, alpha=1.5, axis: int = -1, *, n_iter: int | None = None, solver: S
     """α-entmax along ``axis``: a sparse probability distribution (softmax at α → 1).
 
     Args:
-      x: scores, any float dtype (computed in float32; the output has x's dtype).
+      x: scores, any float dtype (computed in float32, float64 for float64 input; the output has x's dtype).
         Entries equal to ``-inf`` get exactly 0; a row of only ``-inf`` gives zeros.
       alpha: a Python float in [1.001, 2] (1.5 = entmax15, 2 = sparsemax; see ALPHA_MIN), or a float
         array broadcastable against ``x`` with ``axis`` removed (e.g. one α per head).
@@ -273,8 +309,10 @@ def entmax(x, alpha=1.5, axis: int = -1, *, n_iter: int | None = None, solver: S
         given as Python floats only).
     """
     x, xm, axis, alpha_rows, alpha_static, solver = _validate(x, axis, n_iter, alpha, solver)
-    # float32 inside: the custom_vjp sees float32 and autodiff casts the cotangent back.
-    p = _entmax_last_jit(xm.astype(jnp.float32), alpha_rows, alpha_static, solver, n_iter)
+    if x.size == 0:  # no rows, or rows of no entries: an empty result, like jax.nn.softmax
+        return jnp.zeros_like(x)
+    # float32 inside (float64 for float64 input): autodiff casts the tangents back.
+    p = _entmax_last_jit(xm.astype(_compute_dtype(x)), alpha_rows, alpha_static, solver, n_iter)
     return jnp.moveaxis(p.astype(x.dtype), -1, axis)
 
 
@@ -295,7 +333,9 @@ def entmax_threshold(x, alpha=1.5, axis: int = -1, *, n_iter: int | None = None,
     ``+inf`` for rows with no finite entry. Useful for inspection and as a kernel oracle.
     """
     x, xm, axis, alpha_rows, alpha_static, solver = _validate(x, axis, n_iter, alpha, solver)
-    tau = _threshold_jit(xm.astype(jnp.float32), alpha_rows, alpha_static, solver, n_iter)
+    if x.size == 0:  # rows of no entries have no threshold: +inf, as for fully masked rows
+        return jnp.full(x.shape[:axis] + (1,) + x.shape[axis + 1:], jnp.inf, _compute_dtype(x))
+    tau = _threshold_jit(xm.astype(_compute_dtype(x)), alpha_rows, alpha_static, solver, n_iter)
     return jax.lax.stop_gradient(jnp.moveaxis(tau, -1, axis))
 
 

@@ -158,8 +158,6 @@ def check_attention_inputs(
         raise ValueError(
             f"`query` heads ({N}) must be a multiple of `key`/`value` heads ({K}) for grouped-query attention"
         )
-    if T == 0 or S == 0 or H == 0:
-        raise ValueError(f"lengths and head_dim must be non-zero, got query {query.shape}, key {key.shape}")
 
     alpha = check_alpha(alpha)
     if not isinstance(alpha, float):

@@ -14,6 +14,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from adasplash_jax.entmax import check_alpha, entmax
 
@@ -26,8 +27,9 @@ def _check_labels(logits, labels):
         raise ValueError(f"`labels` must hold integer class ids, got dtype {labels.dtype}")
     if labels.shape != logits.shape[:-1]:
         raise ValueError(f"`labels` must have shape {logits.shape[:-1]} (logits without the class axis), got {labels.shape}")
-    if not isinstance(labels, jax.core.Tracer) and labels.size:
-        lo, hi = int(labels.min()), int(labels.max())
+    if not isinstance(labels, jax.core.Tracer) and labels.size:  # checked where the labels are known
+        values = np.asarray(labels)  # numpy: jnp reductions would be traced under jit
+        lo, hi = int(values.min()), int(values.max())
         if lo < 0 or hi >= logits.shape[-1]:
             raise ValueError(f"`labels` must be class ids in [0, {logits.shape[-1]}), got values in [{lo}, {hi}]")
     return logits, labels
@@ -71,7 +73,7 @@ def entmax_loss(logits, labels, alpha: float = 1.5):
     """Per-example α-entmax Fenchel–Young loss (shape ``labels.shape``); gradient ``p − onehot``."""
     alpha = check_alpha(alpha)
     if not isinstance(alpha, float):
-        raise ValueError("`alpha` of entmax_loss must be a Python float in (1, 2]")
+        raise ValueError("`alpha` of entmax_loss must be a Python float in [1.001, 2]")
     logits, labels = _check_labels(logits, labels)
     return _fy_loss(logits, labels, alpha)
 

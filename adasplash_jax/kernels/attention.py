@@ -126,7 +126,15 @@ def pallas_attention(
     """Entmax attention with the Pallas kernels for validated inputs (see ``entmax_attention``)."""
     cfg = make_config(inp, block_sizes, interpret)
     args = kernel_inputs(cfg, inp)
-    out, stats = _attention(cfg, *args)
+    try:
+        out, stats = _attention(cfg, *args)
+    except TypeError as e:  # raised while jax.jvp traces the custom_vjp, in this frame
+        if "forward-mode" not in str(e):
+            raise
+        raise TypeError(
+            "implementation='pallas' supports reverse-mode autodiff only (jax.grad, jax.vjp); for jax.jvp, "
+            "jax.linearize, jax.jacfwd or jax.hessian use implementation='xla'"
+        ) from e
     out = out[:, : cfg.q_len, :, : cfg.head_dim]
     if return_stats:
         return out, sparsity_stats(stats["block_mask"], stats["nonzero"], stats["allowed"], block_q=cfg.block_q,

@@ -1,0 +1,79 @@
+"""Bad arguments are ValueErrors that name them; edge inputs (empty, x64) behave like jax."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from adasplash_jax import ALPHA_MIN, BlockSizes, entmax, entmax_attention, entmax_loss, sparsemax_loss
+from adasplash_jax.inputs import check_alpha
+
+
+@pytest.mark.parametrize("alpha", [1 + 1e-8, 1.0, 0.5, 2.5, float("nan"), -1.0, ALPHA_MIN / 1.0001])
+def test_alpha_out_of_range_is_refused_as_used(alpha):
+    with pytest.raises(ValueError, match="alpha"):
+        entmax(jnp.ones(3), alpha)
+    with pytest.raises(ValueError, match="alpha"):
+        entmax_attention(jnp.ones((1, 2, 1, 4)), jnp.ones((1, 2, 1, 4)), jnp.ones((1, 2, 1, 4)), alpha=alpha)
+
+
+@pytest.mark.parametrize("alpha", ["1.5", None, b"2", [1.5, "x"], True])
+def test_alpha_of_the_wrong_type_names_alpha(alpha):
+    with pytest.raises(ValueError, match="alpha"):
+        check_alpha(alpha)
+
+
+def test_alpha_minimum_is_accepted_and_accurate():
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 20)), jnp.float32)
+    p = np.asarray(entmax(x, ALPHA_MIN))
+    np.testing.assert_allclose(p.sum(-1), 1.0, atol=1e-5)
+    # α → 1 is softmax; at the minimum entmax is within 1e-2 of it
+    np.testing.assert_allclose(p, np.asarray(jax.nn.softmax(x, -1)), atol=1e-2)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf")])
+def test_scale_must_be_finite(scale):
+    q = jnp.ones((1, 3, 1, 4))
+    for impl in ("xla", "pallas"):
+        with pytest.raises(ValueError, match="scale"):
+            entmax_attention(q, q, q, scale=scale, implementation=impl)
+
+
+@pytest.mark.parametrize("field,value", [("num_warps", 0), ("num_warps", 3), ("num_stages", -3), ("num_stages", 0),
+                                         ("block_q", 24), ("n_iter", 0), ("num_warps", 2.0)])
+def test_block_sizes_refuse_bad_fields(field, value):
+    with pytest.raises(ValueError, match=field):
+        BlockSizes(**{field: value})
+
+
+def test_empty_inputs_give_empty_outputs():
+    assert entmax(jnp.zeros((3, 0)), 1.5).shape == (3, 0)
+    assert entmax(jnp.zeros((0, 5)), 1.5).shape == (0, 5)
+    assert jax.nn.softmax(jnp.zeros((3, 0))).shape == (3, 0)
+    g = jax.grad(lambda x: entmax(x, 1.5).sum())(jnp.zeros((0, 4)))
+    assert g.shape == (0, 4)
+
+
+def test_losses_under_jit_with_constant_and_traced_labels():
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(4, 6)), jnp.float32)
+    labels = jnp.array([0, 5, 2, 3])
+    want = entmax_loss(x, labels, 1.5)
+    np.testing.assert_allclose(jax.jit(lambda x: entmax_loss(x, labels, 1.5))(x), want, rtol=1e-6)
+    np.testing.assert_allclose(jax.jit(lambda x, y: entmax_loss(x, y, 1.5))(x, labels), want, rtol=1e-6)
+    np.testing.assert_allclose(jax.jit(lambda x: sparsemax_loss(x, labels))(x), sparsemax_loss(x, labels), rtol=1e-6)
+    with pytest.raises(ValueError, match="labels"):
+        entmax_loss(x, jnp.array([0, 6, 2, 3]), 1.5)
+    with pytest.raises(ValueError, match="labels"):
+        jax.jit(lambda x: entmax_loss(x, jnp.array([0, 6, 2, 3]), 1.5))(x)
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+@pytest.mark.parametrize("shape_q,shape_kv", [((0, 8, 2, 16), (0, 8, 2, 16)), ((2, 0, 2, 16), (2, 8, 2, 16)),
+                                              ((2, 8, 2, 16), (2, 0, 2, 16))])
+def test_empty_attention_inputs(impl, shape_q, shape_kv):
+    q, kv = jnp.ones(shape_q), jnp.ones(shape_kv)
+    out = entmax_attention(q, kv, kv, implementation=impl)
+    assert out.shape == shape_q
+    np.testing.assert_array_equal(out, 0.0)
+    g = jax.grad(lambda q: entmax_attention(q, kv, kv, implementation=impl).sum())(q)
+    assert g.shape == shape_q
