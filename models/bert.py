@@ -13,8 +13,9 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
-from models.attention import SelfAttention, check_input_ids, layer_alpha, padding_arguments
-from models.common import ACTIVATIONS, check_common, positive_int, preset
+from models.alpha import layer_alpha
+from models.attention import SelfAttention
+from models.common import ACTIVATIONS, check_common, check_input_ids, key_padding_mask, positive_int, preset
 
 _PRESETS = {
     "tiny": dict(
@@ -154,13 +155,12 @@ class BertModel(nnx.Module):
                 raise ValueError(
                     f"`token_type_ids` must have the shape of input_ids {input_ids.shape}, got {token_type_ids.shape}"
                 )
-        mask, kv_lengths = padding_arguments(attention_mask, c.attention, input_ids.shape[1])
+        mask = key_padding_mask(attention_mask, input_ids.shape[1])
         x = self.embeddings(input_ids, token_type_ids, deterministic=deterministic)
         probs = []
         for layer in self.layers:
             x, p = layer(
-                x, deterministic=deterministic, mask=mask, kv_lengths=kv_lengths,
-                alpha=alpha, output_attentions=output_attentions,
+                x, deterministic=deterministic, mask=mask, alpha=alpha, output_attentions=output_attentions,
             )
             probs.append(p)
         return (x, tuple(probs)) if output_attentions else x

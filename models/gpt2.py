@@ -16,8 +16,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.attention import SelfAttention, check_input_ids, layer_alpha, padding_arguments
-from models.common import ACTIVATIONS, check_common, positive_int, preset
+from models.alpha import layer_alpha
+from models.attention import SelfAttention
+from models.common import ACTIVATIONS, check_common, check_input_ids, key_padding_mask, positive_int, preset
 
 # How often each compiled generation function was traced (tests check decode is traced once).
 TRACE_COUNTS: collections.Counter = collections.Counter()
@@ -137,11 +138,9 @@ class GPT2LMHeadModel(nnx.Module):
         overrides every layer's α (a float or a scalar array, may be traced).
         """
         input_ids = check_input_ids(input_ids, self.config.vocab_size, self.config.n_positions)
-        mask, kv_lengths = padding_arguments(attention_mask, self.config.attention, input_ids.shape[1])
         logits, _, probs = self.forward(
             input_ids,
-            mask=mask,
-            kv_lengths=kv_lengths,
+            mask=key_padding_mask(attention_mask, input_ids.shape[1]),
             alpha=alpha,
             deterministic=deterministic,
             output_attentions=output_attentions,
@@ -153,7 +152,6 @@ class GPT2LMHeadModel(nnx.Module):
         input_ids,
         *,
         mask=None,
-        kv_lengths=None,
         alpha=None,
         deterministic: bool = True,
         cache=None,
@@ -171,7 +169,6 @@ class GPT2LMHeadModel(nnx.Module):
                 x,
                 deterministic=deterministic,
                 mask=mask,
-                kv_lengths=kv_lengths,
                 alpha=alpha,
                 cache=None if cache is None else cache[i],
                 cache_index=cache_index,

@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 
 from models import (
+    ATTENTION_KINDS,
     BertConfig,
     BertForMaskedLM,
     BertForSequenceClassification,
@@ -22,6 +23,7 @@ from models import (
     GPT2Config,
     GPT2LMHeadModel,
     attention_sparsity,
+    check_alpha_config,
     make_attention_fn,
     plot_attention,
     set_attention_fn,
@@ -61,6 +63,26 @@ def test_presets_match_published_sizes():
         GPT2Config.preset("gpt3")
 
 
+def test_one_kind_list_and_one_alpha_check_from_the_package():
+    from adasplash_jax.entmax import check_alpha
+
+    assert ATTENTION_KINDS == ("softmax", "entmax", "adasplash")
+    assert all(callable(make_attention_fn(kind)) for kind in ATTENTION_KINDS)
+    a = check_alpha_config(np.float32(1.5), 2, 4)
+    assert a == 1.5 and type(a) is float
+    assert check_alpha_config([1.2, [1.1, 1.5, 1.8, 2]], 2, 4) == (1.2, (1.1, 1.5, 1.8, 2.0))
+    # each value is accepted or refused exactly as the library's check_alpha decides
+    for value in (1.0, 1 + 1e-8, 1 + 1e-5, 1.0005, 1.01, 1.5, 2.0, 2 + 1e-7, 2.5, -1.0, float("nan"), float("inf")):
+        try:
+            check_alpha(value)
+        except ValueError:
+            for config in (value, (1.5, (1.5, value))):
+                with pytest.raises(ValueError, match="alpha"):
+                    check_alpha_config(config, 2, 2)
+        else:
+            assert check_alpha_config((1.5, (1.5, value)), 2, 2) == (1.5, (1.5, float(value)))
+
+
 @pytest.mark.parametrize(
     "make, field",
     [
@@ -68,8 +90,11 @@ def test_presets_match_published_sizes():
         (lambda: GPT2Config(attention="linear"), "attention"),
         (lambda: GPT2Config(alpha=2.5), "alpha"),
         (lambda: GPT2Config(alpha=1.0), "alpha"),
+        (lambda: GPT2Config(alpha="1.5"), "alpha"),
+        (lambda: GPT2Config(alpha=None), "alpha"),
         (lambda: GPT2Config.preset("tiny", alpha=(1.5,)), "alpha"),
-        (lambda: GPT2Config.preset("tiny", alpha=(1.5, (1.5, 1.5))), "alpha"),
+        (lambda: GPT2Config.preset("tiny", alpha=(1.5, (1.5, 1.5))), r"alpha\[1\]"),
+        (lambda: GPT2Config.preset("tiny", alpha=(1.5, (1.5, 1.5, 2.5, 1.5))), r"alpha\[1\]\[2\]"),
         (lambda: GPT2Config(dropout=1.0), "dropout"),
         (lambda: GPT2Config(activation_function="swish2"), "activation_function"),
         (lambda: GPT2Config(n_layer=0), "n_layer"),
