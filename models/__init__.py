@@ -1,7 +1,7 @@
 """GPT-2 and BERT in Flax NNX with softmax, dense-entmax or AdaSplash attention."""
 
 from models.alpha import check_alpha_config
-from models.inspect import attention_maps, attention_sparsity, plot_attention
+from models.analysis import attention_maps, attention_sparsity, plot_attention
 from models.attention import set_attention_fn
 from models.attention_fns import ATTENTION_KINDS, make_attention_fn
 from models.bert import BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel

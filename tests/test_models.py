@@ -7,6 +7,8 @@ torch models is in test_models_hf.py, the Pallas path in test_models_adasplash.p
 
 import dataclasses
 import os
+import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import models
 from models import (
     ATTENTION_KINDS,
     BertConfig,
@@ -22,6 +25,7 @@ from models import (
     BertModel,
     GPT2Config,
     GPT2LMHeadModel,
+    attention_maps,
     attention_sparsity,
     check_alpha_config,
     make_attention_fn,
@@ -81,6 +85,11 @@ def test_one_kind_list_and_one_alpha_check_from_the_package():
                     check_alpha_config(config, 2, 2)
         else:
             assert check_alpha_config((1.5, (1.5, value)), 2, 2) == (1.5, (1.5, float(value)))
+
+
+def test_no_module_is_named_like_a_standard_library_module():
+    names = {p.stem for p in pathlib.Path(models.__file__).parent.glob("*.py")}
+    assert not names & set(sys.stdlib_module_names)
 
 
 @pytest.mark.parametrize(
@@ -263,31 +272,37 @@ def test_dropout_uses_the_models_dropout_stream():
 # --------------------------------------------------------------------------- inspection
 
 
-def test_attention_sparsity_counts_only_allowed_entries():
-    model = gpt2("entmax", alpha=2.0)
-    x = ids((1, 10), seed=8)
-    s = attention_sparsity(model, x)
-    assert s.shape == (2, 4) and s.dtype == jnp.float32
-    assert np.all((np.asarray(s) >= 0) & (np.asarray(s) < 1))
-    # jit-friendly, and softmax is dense by definition
-    np.testing.assert_allclose(nnx.jit(attention_sparsity)(model, x), s, atol=0)
+def test_attention_sparsity_counts_exact_zeros_among_allowed_entries():
+    # initializer_range 0.2: scores large enough for sparsemax to leave many exact zeros
+    x = ids((2, 10), seed=8)
+    padded = jnp.concatenate([x, ids((2, 6), seed=9)], axis=1)
+    mask = jnp.array([[1] * 10 + [0] * 6, [1] * 10 + [0] * 6])
+    causal, full = np.tril(np.ones((10, 10), bool)), np.ones((10, 10), bool)
+    for model, allowed in ((gpt2("entmax", alpha=2.0, initializer_range=0.2), causal),
+                           (bert(BertModel, "entmax", alpha=2.0, initializer_range=0.2), full)):
+        s = attention_sparsity(model, x)
+        assert s.shape == (2, 4) and s.dtype == jnp.float32
+        # an independent count on the maps: zeros among the allowed pairs, over batch and positions
+        maps = np.asarray(attention_maps(model, x))
+        expected = ((maps == 0) & allowed).sum(axis=(1, 3, 4)) / (2 * allowed.sum())
+        assert expected.min() > 0.2  # not a vacuous comparison
+        np.testing.assert_allclose(s, expected, atol=1e-6)
+        np.testing.assert_allclose(nnx.jit(attention_sparsity)(model, x), s, atol=1e-6)
+        # padded keys and padded query rows are not counted
+        maps = np.asarray(attention_maps(model, padded, mask))[..., :10, :10]
+        expected = ((maps == 0) & allowed).sum(axis=(1, 3, 4)) / (2 * allowed.sum())
+        np.testing.assert_allclose(attention_sparsity(model, padded, mask), expected, atol=1e-6)
+        np.testing.assert_allclose(attention_sparsity(model, padded, mask), s, atol=0.03)
+        # the model's own attention function is back in place
+        own = make_attention_fn("entmax")
+        assert all(layer.attention_fn is own for layer in models.attention.attention_layers(model))
+    # "adasplash" models are counted on the dense path (same probabilities); softmax is dense by definition
+    pallas, dense = (gpt2(kind, alpha=2.0, initializer_range=0.2) for kind in ("adasplash", "entmax"))
+    np.testing.assert_array_equal(attention_sparsity(pallas, x), attention_sparsity(dense, x))
     np.testing.assert_array_equal(attention_sparsity(gpt2("softmax"), x), np.zeros((2, 4)))
-    # padded keys and queries are not counted: padding leaves the statistic (nearly) unchanged
-    padded = jnp.concatenate([x, ids((1, 6), seed=9)], axis=1)
-    mask = jnp.array([[1] * 10 + [0] * 6])
-    for m in (model, bert(BertModel, "entmax", alpha=2.0)):
-        np.testing.assert_allclose(attention_sparsity(m, padded, mask), attention_sparsity(m, x), atol=0.03)
-    # an independent count on the maps of a bidirectional model: zeros over all T*T entries
-    from models import attention_maps
-
-    bm = bert(BertModel, "entmax", alpha=2.0)
-    maps = np.asarray(attention_maps(bm, x))
-    np.testing.assert_allclose(attention_sparsity(bm, x), (maps == 0).mean(axis=(1, 3, 4)), atol=1e-6)
 
 
 def test_attention_maps_are_distributions_over_allowed_keys():
-    from models import attention_maps
-
     model = bert(BertModel, "entmax", alpha=1.5)
     x = ids((2, 7))
     mask = jnp.array([[1] * 7, [1] * 4 + [0] * 3])
