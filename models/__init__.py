@@ -7,6 +7,7 @@ from models.attention_fns import ATTENTION_KINDS, make_attention_fn
 from models.bert import BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel
 from models.gpt2 import GPT2Config, GPT2LMHeadModel
 from models.hf import from_pretrained, save_pretrained
+from models.tokenizer import ByteTokenizer
 
 __all__ = [
     "GPT2Config",
@@ -17,6 +18,7 @@ __all__ = [
     "BertForSequenceClassification",
     "from_pretrained",
     "save_pretrained",
+    "ByteTokenizer",
     "ATTENTION_KINDS",
     "check_alpha_config",
     "make_attention_fn",

@@ -19,12 +19,16 @@ from flax import nnx
 from models.alpha import layer_alpha
 from models.attention import SelfAttention
 from models.common import ACTIVATIONS, check_common, check_input_ids, key_padding_mask, positive_int, preset
+from models.tokenizer import BYTE_VOCAB_SIZE
 
 # How often each compiled generation function was traced (tests check decode is traced once).
 TRACE_COUNTS: collections.Counter = collections.Counter()
 
 _PRESETS = {
-    "tiny": dict(vocab_size=128, n_positions=64, n_embd=32, n_layer=2, n_head=4),
+    # Byte-level models trained by train/ (vocab: models.ByteTokenizer).
+    "tiny": dict(vocab_size=BYTE_VOCAB_SIZE, n_positions=256, n_embd=64, n_layer=2, n_head=4),
+    "small": dict(vocab_size=BYTE_VOCAB_SIZE, n_positions=512, n_embd=256, n_layer=4, n_head=8),
+    # OpenAI's GPT-2 sizes (vocab and positions are the class defaults).
     "gpt2": dict(n_embd=768, n_layer=12, n_head=12),
     "gpt2-medium": dict(n_embd=1024, n_layer=24, n_head=16),
     "gpt2-large": dict(n_embd=1280, n_layer=36, n_head=20),
@@ -59,7 +63,8 @@ class GPT2Config:
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "GPT2Config":
-        """"tiny" (tests), "gpt2" (124M), "gpt2-medium", "gpt2-large", "gpt2-xl"."""
+        """"tiny" (2 layers × 64, 256 positions; seconds on a CPU), "small" (4 × 256, 512 positions),
+        both byte-level; "gpt2" (124M), "gpt2-medium", "gpt2-large", "gpt2-xl"."""
         return preset(cls, _PRESETS, name, **overrides)
 
 

@@ -23,6 +23,7 @@ from models import (
     BertForMaskedLM,
     BertForSequenceClassification,
     BertModel,
+    ByteTokenizer,
     GPT2Config,
     GPT2LMHeadModel,
     attention_maps,
@@ -37,12 +38,22 @@ from models import gpt2 as gpt2_module
 KINDS = ("softmax", "entmax")
 
 
+# The suite's models: the "tiny" preset made smaller still (vocab 128, 64 positions, width 32), to stay fast.
+def gpt2_config(**kw):
+    return GPT2Config.preset("tiny", **{**dict(vocab_size=128, n_positions=64, n_embd=32), **kw})
+
+
+def bert_config(**kw):
+    small = dict(vocab_size=128, max_position_embeddings=64, hidden_size=32, intermediate_size=64)
+    return BertConfig.preset("tiny", **{**small, **kw})
+
+
 def gpt2(attention="softmax", **kw):
-    return GPT2LMHeadModel(GPT2Config.preset("tiny", attention=attention, **kw), rngs=nnx.Rngs(0))
+    return GPT2LMHeadModel(gpt2_config(attention=attention, **kw), rngs=nnx.Rngs(0))
 
 
 def bert(cls=BertModel, attention="softmax", **kw):
-    return cls(BertConfig.preset("tiny", attention=attention, **kw), rngs=nnx.Rngs(0))
+    return cls(bert_config(attention=attention, **kw), rngs=nnx.Rngs(0))
 
 
 def ids(shape, vocab=128, seed=0):
@@ -61,10 +72,24 @@ def test_presets_match_published_sizes():
     assert (b.hidden_size, b.num_hidden_layers, b.num_attention_heads, b.intermediate_size) == (768, 12, 12, 3072)
     assert (large.hidden_size, large.num_hidden_layers, large.num_attention_heads) == (1024, 24, 16)
     assert b.vocab_size == 30522 and b.max_position_embeddings == 512
-    c = dataclasses.replace(GPT2Config.preset("tiny"), attention="entmax", alpha=[1.2, 2.0])
+    c = dataclasses.replace(gpt2_config(), attention="entmax", alpha=[1.2, 2.0])
     assert c.alpha == (1.2, 2.0) and c.attention == "entmax"
     with pytest.raises(ValueError, match="preset"):
         GPT2Config.preset("gpt3")
+
+
+def test_byte_level_presets_are_the_training_sizes():
+    t, s = GPT2Config.preset("tiny"), GPT2Config.preset("small")
+    assert (t.vocab_size, t.n_positions, t.n_embd, t.n_layer, t.n_head) == (256, 256, 64, 2, 4)
+    assert (s.vocab_size, s.n_positions, s.n_embd, s.n_layer, s.n_head) == (256, 512, 256, 4, 8)
+    bt, bs = BertConfig.preset("tiny"), BertConfig.preset("small")
+    fields = lambda c: (c.vocab_size, c.max_position_embeddings, c.hidden_size, c.num_hidden_layers,  # noqa: E731
+                        c.num_attention_heads, c.intermediate_size)
+    assert fields(bt) == (260, 256, 64, 2, 4, 256)
+    assert fields(bs) == (260, 512, 256, 4, 8, 1024)
+    # the vocabularies are the byte tokenizers' (bytes; bytes + BERT's four specials)
+    assert t.vocab_size == s.vocab_size == ByteTokenizer().vocab_size
+    assert bt.vocab_size == bs.vocab_size == ByteTokenizer.bert().vocab_size
 
 
 def test_one_kind_list_and_one_alpha_check_from_the_package():
@@ -261,7 +286,7 @@ def test_make_attention_fn_and_set_attention_fn():
 
 
 def test_dropout_uses_the_models_dropout_stream():
-    model = GPT2LMHeadModel(GPT2Config.preset("tiny", dropout=0.2), rngs=nnx.Rngs(params=0, dropout=1))
+    model = GPT2LMHeadModel(gpt2_config(dropout=0.2), rngs=nnx.Rngs(params=0, dropout=1))
     x = ids((1, 8))
     det = model(x)
     np.testing.assert_allclose(model(x, deterministic=True), det, atol=0)
@@ -371,6 +396,33 @@ def test_sampling_options():
         assert int(out[0, 4]) in top3
     with pytest.raises(ValueError, match="rng"):
         model.generate(prompt, 2, temperature=1.0)
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def test_byte_tokenizer_round_trips_text_with_the_training_ids():
+    tok = ByteTokenizer()
+    text = "def f(x):\n    return 'héllo wörld — 日本語 🙂'"
+    encoded = tok.encode(text)
+    assert encoded.dtype == np.int32 and encoded.tolist() == list(text.encode("utf-8"))
+    assert tok.decode(encoded) == text and tok.decode(jnp.asarray(encoded)) == text and tok.decode([]) == ""
+    assert tok.decode([104, 0xFF, 105]) == "h\ufffdi"  # invalid UTF-8 is replaced
+    with pytest.raises(ValueError, match="vocabulary"):
+        tok.decode([256])
+    bt = ByteTokenizer.bert()
+    assert bt.vocab_size == 260
+    assert [bt.token_id(s) for s in ("[PAD]", "[MASK]", "[CLS]", "[SEP]")] == [256, 257, 258, 259]
+    ids_ = np.concatenate([[bt.token_id("[CLS]")], bt.encode("né"), [bt.token_id("[MASK]")]])
+    assert bt.decode(ids_) == "né" and bt.decode(ids_, skip_specials=False) == "[CLS]né[MASK]"
+    # the same ids as the training data pipeline's tokenizer
+    data = pytest.importorskip("train.data")
+    if hasattr(data, "ByteTokenizer"):
+        train_tok = data.ByteTokenizer(data.BERT_SPECIALS)
+        assert train_tok.vocab_size == bt.vocab_size
+        assert [train_tok.token_id(s) for s in data.BERT_SPECIALS] == [bt.token_id(s) for s in data.BERT_SPECIALS]
+        np.testing.assert_array_equal(train_tok.encode(text.encode("utf-8")), bt.encode(text))
+        assert train_tok.decode(encoded) == tok.decode(encoded)
 
 
 # --------------------------------------------------------------------------- bad input
