@@ -59,3 +59,14 @@ def learned_alpha(logit) -> jax.Array:
     """α per head from its logit, in float32, inside [ALPHA_MIN, 2]."""
     return ALPHA_MIN + (2.0 - ALPHA_MIN) * jax.nn.sigmoid(jnp.asarray(logit, jnp.float32))
 
+
+def check_alpha_override(alpha):
+    """A call's ``alpha=`` (None, a float or a float array) through the library's check.
+
+    Concrete values are range-checked; a traced α (inside jit) can only be checked for dtype.
+    """
+    if alpha is None:
+        return None
+    if isinstance(alpha, bool) or not isinstance(alpha, (numbers.Real, np.ndarray, jax.Array)):
+        raise ValueError(f"`alpha` must be a float or a float array, got {alpha!r}")
+    return check_alpha(alpha, "alpha")

@@ -13,7 +13,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
-from models.alpha import layer_alpha
+from models.alpha import check_alpha_override, layer_alpha
 from models.attention import SelfAttention
 from models.common import ACTIVATIONS, check_common, check_input_ids, key_padding_mask, positive_int, preset
 from models.tokenizer import BERT_SPECIALS, BYTE_VOCAB_SIZE
@@ -164,6 +164,7 @@ class BertModel(nnx.Module):
                     f"`token_type_ids` must have the shape of input_ids {input_ids.shape}, got {token_type_ids.shape}"
                 )
         mask = key_padding_mask(attention_mask, input_ids.shape[1])
+        alpha = check_alpha_override(alpha)
         x = self.embeddings(input_ids, token_type_ids, deterministic=deterministic)
         probs = []
         for layer in self.layers:

@@ -398,6 +398,38 @@ def test_sampling_options():
         model.generate(prompt, 2, temperature=1.0)
 
 
+def test_generate_arguments_are_checked_and_named():
+    model = gpt2("entmax")
+    prompt = ids((2, 4), seed=13)
+    key = jax.random.key(0)
+    greedy = model.generate(prompt, 3)
+    # numpy scalars are numbers like any other
+    out = model.generate(prompt, np.int64(3), temperature=np.float32(0.5), top_k=np.int64(5), top_p=np.float64(0.9),
+                         rng=key)
+    np.testing.assert_array_equal(out, model.generate(prompt, 3, temperature=0.5, top_k=5, top_p=0.9, rng=key))
+    # temperatures so small that logits / temperature would overflow (or that are 0 in float32) are greedy
+    for t in (1e-45, np.float32(1e-38), 1e-30):
+        np.testing.assert_array_equal(model.generate(prompt, 3, temperature=t, rng=key), greedy)
+    # batch 0: an empty result
+    empty = model.generate(prompt[:0], 3)
+    assert empty.shape == (0, 7) and empty.dtype == prompt.dtype
+    bad = [
+        dict(top_p="0.9"), dict(top_p=0.0), dict(top_p=1.5), dict(top_p=float("nan")),
+        dict(top_k=0), dict(top_k=2.0), dict(top_k="3"), dict(top_k=129), dict(top_k=True),
+        dict(temperature=-1.0), dict(temperature=float("nan")), dict(temperature=float("inf")), dict(temperature="1"),
+        dict(alpha=1.0), dict(alpha=2.5), dict(alpha="1.5"), dict(alpha=jnp.float32(0.5)),
+    ]
+    for kw in bad:
+        with pytest.raises(ValueError, match=next(iter(kw))):
+            model.generate(prompt, 3, rng=key, **kw)
+    for n in (-1, 2.0, "3", True):
+        with pytest.raises(ValueError, match="max_new_tokens"):
+            model.generate(prompt, n)
+    # a concrete α override of a plain call is checked too (inside jit only its dtype can be)
+    with pytest.raises(ValueError, match="alpha"):
+        model(prompt, alpha=1.0)
+
+
 # --------------------------------------------------------------------------- tokenizer
 
 
