@@ -15,11 +15,13 @@ from adasplash_jax.entmax import check_alpha
 ALPHA_MIN = 1.01
 
 
-def check_alpha_config(alpha, n_layer: int, n_head: int, field: str = "alpha"):
+def check_alpha_config(alpha, n_layer: int | None = None, n_head: int | None = None, field: str = "alpha"):
     """α per model (a float), per layer (n_layer entries) or per layer and head (n_layer tuples of n_head).
 
     Every value goes through the library's ``check_alpha`` (the range entmax supports);
-    lists become tuples so configs stay hashable. Returns the normalised α.
+    lists become tuples so configs stay hashable. Returns the normalised α. Without
+    ``n_layer`` / ``n_head`` (e.g. a CLI value checked before the model exists) the lengths
+    are not checked; the model's config checks them again.
     """
 
     def one(a, where: str) -> float:
@@ -30,12 +32,12 @@ def check_alpha_config(alpha, n_layer: int, n_head: int, field: str = "alpha"):
 
     if not isinstance(alpha, (list, tuple)):
         return one(alpha, "")
-    if len(alpha) != n_layer:
+    if n_layer is not None and len(alpha) != n_layer:
         raise ValueError(f"`{field}` given per layer must have n_layer = {n_layer} entries, got {len(alpha)}")
     out = []
     for i, a in enumerate(alpha):
         if isinstance(a, (list, tuple)):
-            if len(a) != n_head:
+            if n_head is not None and len(a) != n_head:
                 raise ValueError(f"`{field}[{i}]` given per head must have {n_head} entries, got {len(a)}")
             out.append(tuple(one(x, f"[{i}][{h}]") for h, x in enumerate(a)))
         else:

@@ -242,6 +242,8 @@ class GPT2LMHeadModel(nnx.Module):
         alpha = check_alpha_override(alpha)  # here: inside the compiled steps it is traced, only its dtype known
         if temperature > 0 and rng is None:
             raise ValueError("sampling (temperature > 0) needs `rng`, a jax.random key")
+        if rng is not None and not _is_key(rng):
+            raise ValueError(f"`rng` must be a jax.random key (jax.random.key or PRNGKey), got {rng!r}")
         if max_new_tokens == 0:
             return input_ids
         if B == 0:
@@ -275,6 +277,14 @@ def _number(value, name: str, kind):
         what = "an int" if kind is numbers.Integral else "a float"
         raise ValueError(f"`{name}` must be {what}, got {value!r}")
     return int(value) if kind is numbers.Integral else float(value)
+
+
+def _is_key(rng) -> bool:
+    if not isinstance(rng, jax.Array):
+        return False
+    if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        return rng.shape == ()
+    return rng.dtype == jnp.uint32 and rng.shape == (2,)  # a raw PRNGKey
 
 
 def sample_logits(logits, key, temperature, top_k, top_p, *, greedy: bool):

@@ -100,6 +100,9 @@ def test_one_kind_list_and_one_alpha_check_from_the_package():
     a = check_alpha_config(np.float32(1.5), 2, 4)
     assert a == 1.5 and type(a) is float
     assert check_alpha_config([1.2, [1.1, 1.5, 1.8, 2]], 2, 4) == (1.2, (1.1, 1.5, 1.8, 2.0))
+    assert check_alpha_config(1.25) == 1.25  # a CLI value, before the model's sizes are known
+    with pytest.raises(ValueError, match="n_layer"):
+        check_alpha_config((1.5, 1.5), 3, 4)
     # each value is accepted or refused exactly as the library's check_alpha decides
     for value in (1.0, 1 + 1e-8, 1 + 1e-5, 1.0005, 1.01, 1.5, 2.0, 2 + 1e-7, 2.5, -1.0, float("nan"), float("inf")):
         try:
@@ -418,10 +421,11 @@ def test_generate_arguments_are_checked_and_named():
         dict(top_k=0), dict(top_k=2.0), dict(top_k="3"), dict(top_k=129), dict(top_k=True),
         dict(temperature=-1.0), dict(temperature=float("nan")), dict(temperature=float("inf")), dict(temperature="1"),
         dict(alpha=1.0), dict(alpha=2.5), dict(alpha="1.5"), dict(alpha=jnp.float32(0.5)),
+        dict(rng=5), dict(rng=jax.random.split(key)),
     ]
     for kw in bad:
         with pytest.raises(ValueError, match=next(iter(kw))):
-            model.generate(prompt, 3, rng=key, **kw)
+            model.generate(prompt, 3, **{"rng": key, "temperature": 1.0, **kw})
     for n in (-1, 2.0, "3", True):
         with pytest.raises(ValueError, match="max_new_tokens"):
             model.generate(prompt, n)
