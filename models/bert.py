@@ -13,14 +13,22 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
-from models.attention import SelfAttention, check_input_ids, layer_alpha, padding_arguments
-from models.common import ACTIVATIONS, check_common, positive_int, preset
+from models.alpha import check_alpha_override, layer_alpha
+from models.attention import SelfAttention
+from models.common import ACTIVATIONS, check_common, check_input_ids, key_padding_mask, positive_int, preset
+from models.tokenizer import BERT_SPECIALS, BYTE_VOCAB_SIZE
 
 _PRESETS = {
+    # Byte-level models trained by train/ (vocab: models.ByteTokenizer.bert(), bytes + 4 specials).
     "tiny": dict(
-        vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, max_position_embeddings=64,
+        vocab_size=BYTE_VOCAB_SIZE + len(BERT_SPECIALS), max_position_embeddings=256, hidden_size=64,
+        num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
     ),
+    "small": dict(
+        vocab_size=BYTE_VOCAB_SIZE + len(BERT_SPECIALS), max_position_embeddings=512, hidden_size=256,
+        num_hidden_layers=4, num_attention_heads=8, intermediate_size=1024,
+    ),
+    # Google's BERT sizes (vocab and positions are the class defaults).
     "bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
     "bert-large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
 }
@@ -56,7 +64,8 @@ class BertConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "BertConfig":
-        """"tiny" (tests), "bert-base", "bert-large"."""
+        """"tiny" (2 layers × 64, 256 positions), "small" (4 × 256, 512 positions), both byte-level;
+        "bert-base", "bert-large"."""
         return preset(cls, _PRESETS, name, **overrides)
 
 
@@ -154,13 +163,13 @@ class BertModel(nnx.Module):
                 raise ValueError(
                     f"`token_type_ids` must have the shape of input_ids {input_ids.shape}, got {token_type_ids.shape}"
                 )
-        mask, kv_lengths = padding_arguments(attention_mask, c.attention, input_ids.shape[1])
+        mask = key_padding_mask(attention_mask, input_ids.shape[1])
+        alpha = check_alpha_override(alpha)
         x = self.embeddings(input_ids, token_type_ids, deterministic=deterministic)
         probs = []
         for layer in self.layers:
             x, p = layer(
-                x, deterministic=deterministic, mask=mask, kv_lengths=kv_lengths,
-                alpha=alpha, output_attentions=output_attentions,
+                x, deterministic=deterministic, mask=mask, alpha=alpha, output_attentions=output_attentions,
             )
             probs.append(p)
         return (x, tuple(probs)) if output_attentions else x

@@ -1,4 +1,4 @@
-"""Small pieces shared by the model families: config checks, activations, dtypes."""
+"""Small pieces shared by the model families: config checks, activations, presets, input checks."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from models.attention import ATTENTION_KINDS, check_alpha_config
+from models.alpha import check_alpha_config
+from models.attention_fns import ATTENTION_KINDS
 
 ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -60,3 +61,38 @@ def preset(cls, presets: dict[str, dict[str, Any]], name: str, **overrides):
         raise ValueError(f"unknown {cls.__name__} preset {name!r}; choose from {sorted(presets)}")
     return cls(**{**presets[name], **overrides})
 
+
+
+def check_input_ids(input_ids, vocab_size: int, max_positions: int, name: str = "input_ids"):
+    """Integer ids [batch, length] inside the vocabulary and the position table (values checked when concrete)."""
+    input_ids = jnp.asarray(input_ids)
+    if input_ids.ndim != 2:
+        raise ValueError(f"`{name}` must have shape [batch, length], got {input_ids.shape}")
+    if not jnp.issubdtype(input_ids.dtype, jnp.integer):
+        raise ValueError(f"`{name}` must be integer token ids, got dtype {input_ids.dtype}")
+    if input_ids.shape[1] > max_positions:
+        raise ValueError(
+            f"`{name}` length {input_ids.shape[1]} exceeds the position table "
+            f"(max positions = {max_positions})"
+        )
+    if not isinstance(input_ids, jax.core.Tracer) and input_ids.size:
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"`{name}` has token ids in [{lo}, {hi}], outside the vocabulary [0, {vocab_size})")
+    return input_ids
+
+
+def key_padding_mask(attention_mask, seq_len: int):
+    """HF-style ``attention_mask`` [B, S] (1 = token, 0 = padding) → bool mask [B, 1, 1, S] over keys, or None.
+
+    Every attention kind takes it as it is (the Pallas path folds such a mask into segment
+    ids), so padding may be on either side, traced or not.
+    """
+    if attention_mask is None:
+        return None
+    attention_mask = jnp.asarray(attention_mask)
+    if attention_mask.ndim != 2 or attention_mask.shape[1] != seq_len:
+        raise ValueError(
+            f"`attention_mask` must have shape [batch, {seq_len}] like input_ids, got {attention_mask.shape}"
+        )
+    return attention_mask.astype(bool)[:, None, None, :]

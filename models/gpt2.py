@@ -10,20 +10,27 @@ import collections
 import dataclasses
 import functools
 import math
+import numbers
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from models.attention import SelfAttention, check_input_ids, layer_alpha, padding_arguments
-from models.common import ACTIVATIONS, check_common, positive_int, preset
+from models.alpha import check_alpha_override, layer_alpha
+from models.attention import SelfAttention
+from models.common import ACTIVATIONS, check_common, check_input_ids, key_padding_mask, positive_int, preset
+from models.tokenizer import BYTE_VOCAB_SIZE
 
 # How often each compiled generation function was traced (tests check decode is traced once).
 TRACE_COUNTS: collections.Counter = collections.Counter()
 
 _PRESETS = {
-    "tiny": dict(vocab_size=128, n_positions=64, n_embd=32, n_layer=2, n_head=4),
+    # Byte-level models trained by train/ (vocab: models.ByteTokenizer).
+    "tiny": dict(vocab_size=BYTE_VOCAB_SIZE, n_positions=256, n_embd=64, n_layer=2, n_head=4),
+    "small": dict(vocab_size=BYTE_VOCAB_SIZE, n_positions=512, n_embd=256, n_layer=4, n_head=8),
+    # OpenAI's GPT-2 sizes (vocab and positions are the class defaults).
     "gpt2": dict(n_embd=768, n_layer=12, n_head=12),
     "gpt2-medium": dict(n_embd=1024, n_layer=24, n_head=16),
     "gpt2-large": dict(n_embd=1280, n_layer=36, n_head=20),
@@ -58,7 +65,8 @@ class GPT2Config:
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "GPT2Config":
-        """"tiny" (tests), "gpt2" (124M), "gpt2-medium", "gpt2-large", "gpt2-xl"."""
+        """"tiny" (2 layers × 64, 256 positions; seconds on a CPU), "small" (4 × 256, 512 positions),
+        both byte-level; "gpt2" (124M), "gpt2-medium", "gpt2-large", "gpt2-xl"."""
         return preset(cls, _PRESETS, name, **overrides)
 
 
@@ -137,12 +145,10 @@ class GPT2LMHeadModel(nnx.Module):
         overrides every layer's α (a float or a scalar array, may be traced).
         """
         input_ids = check_input_ids(input_ids, self.config.vocab_size, self.config.n_positions)
-        mask, kv_lengths = padding_arguments(attention_mask, self.config.attention, input_ids.shape[1])
         logits, _, probs = self.forward(
             input_ids,
-            mask=mask,
-            kv_lengths=kv_lengths,
-            alpha=alpha,
+            mask=key_padding_mask(attention_mask, input_ids.shape[1]),
+            alpha=check_alpha_override(alpha),
             deterministic=deterministic,
             output_attentions=output_attentions,
         )
@@ -153,7 +159,6 @@ class GPT2LMHeadModel(nnx.Module):
         input_ids,
         *,
         mask=None,
-        kv_lengths=None,
         alpha=None,
         deterministic: bool = True,
         cache=None,
@@ -171,7 +176,6 @@ class GPT2LMHeadModel(nnx.Module):
                 x,
                 deterministic=deterministic,
                 mask=mask,
-                kv_lengths=kv_lengths,
                 alpha=alpha,
                 cache=None if cache is None else cache[i],
                 cache_index=cache_index,
@@ -214,8 +218,9 @@ class GPT2LMHeadModel(nnx.Module):
         c = self.config
         input_ids = check_input_ids(input_ids, c.vocab_size, c.n_positions)
         B, T = input_ids.shape
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"`max_new_tokens` must be an int >= 0, got {max_new_tokens!r}")
+        max_new_tokens = _number(max_new_tokens, "max_new_tokens", numbers.Integral)
+        if max_new_tokens < 0:
+            raise ValueError(f"`max_new_tokens` must be an int >= 0, got {max_new_tokens}")
         if T == 0:
             raise ValueError("`input_ids` must hold at least one prompt token")
         if T + max_new_tokens > c.n_positions:
@@ -223,19 +228,30 @@ class GPT2LMHeadModel(nnx.Module):
                 f"prompt length {T} + max_new_tokens {max_new_tokens} exceeds the position table "
                 f"(n_positions = {c.n_positions})"
             )
-        if not (isinstance(temperature, (int, float)) and temperature >= 0):
-            raise ValueError(f"`temperature` must be a float >= 0, got {temperature!r}")
-        if top_k is not None and (not isinstance(top_k, int) or not 0 < top_k <= c.vocab_size):
-            raise ValueError(f"`top_k` must be an int in [1, vocab_size={c.vocab_size}], got {top_k!r}")
-        if top_p is not None and not (0.0 < top_p <= 1.0):
-            raise ValueError(f"`top_p` must lie in (0, 1], got {top_p!r}")
-        greedy = temperature == 0
-        if not greedy and rng is None:
+        temperature = _number(temperature, "temperature", numbers.Real)
+        if not (math.isfinite(temperature) and temperature >= 0):
+            raise ValueError(f"`temperature` must be a finite float >= 0, got {temperature}")
+        if top_k is not None:
+            top_k = _number(top_k, "top_k", numbers.Integral)
+            if not 0 < top_k <= c.vocab_size:
+                raise ValueError(f"`top_k` must be an int in [1, vocab_size={c.vocab_size}], got {top_k}")
+        if top_p is not None:
+            top_p = _number(top_p, "top_p", numbers.Real)
+            if not 0.0 < top_p <= 1.0:
+                raise ValueError(f"`top_p` must lie in (0, 1], got {top_p}")
+        alpha = check_alpha_override(alpha)  # here: inside the compiled steps it is traced, only its dtype known
+        if temperature > 0 and rng is None:
             raise ValueError("sampling (temperature > 0) needs `rng`, a jax.random key")
+        if rng is not None and not _is_key(rng):
+            raise ValueError(f"`rng` must be a jax.random key (jax.random.key or PRNGKey), got {rng!r}")
         if max_new_tokens == 0:
             return input_ids
+        if B == 0:
+            return jnp.zeros((0, T + max_new_tokens), input_ids.dtype)
+        # A temperature that is 0 in float32 (or subnormal, which XLA may flush to 0) is greedy.
+        greedy = bool(np.float32(temperature) < np.finfo(np.float32).tiny)
         rng = jax.random.key(0) if rng is None else rng
-        temp = jnp.float32(temperature if not greedy else 1.0)
+        temp = jnp.float32(1.0 if greedy else temperature)
         k = jnp.int32(c.vocab_size if top_k is None else top_k)
         p = jnp.float32(1.0 if top_p is None else top_p)
         graphdef, state = nnx.split(self)
@@ -253,11 +269,32 @@ class GPT2LMHeadModel(nnx.Module):
         return jnp.concatenate([input_ids, jnp.stack(out, axis=1).astype(input_ids.dtype)], axis=1)
 
 
+def _number(value, name: str, kind):
+    """A Python or numpy scalar (or a concrete 0-d array) of ``kind`` (numbers.Integral or numbers.Real)."""
+    if isinstance(value, (np.ndarray, jax.Array)) and value.ndim == 0 and not isinstance(value, jax.core.Tracer):
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, kind):
+        what = "an int" if kind is numbers.Integral else "a float"
+        raise ValueError(f"`{name}` must be {what}, got {value!r}")
+    return int(value) if kind is numbers.Integral else float(value)
+
+
+def _is_key(rng) -> bool:
+    if not isinstance(rng, jax.Array):
+        return False
+    if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        return rng.shape == ()
+    return rng.dtype == jnp.uint32 and rng.shape == (2,)  # a raw PRNGKey
+
+
 def sample_logits(logits, key, temperature, top_k, top_p, *, greedy: bool):
     """logits [B, V] → token ids [B]; temperature, top_k and top_p may be traced."""
     if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits.astype(jnp.float32) / temperature
+    # Shifted by the row max before dividing: the largest logit stays 0 at any temperature, and
+    # a tiny one sends the others to -inf (greedy) instead of overflowing to inf - inf = NaN.
+    logits = logits.astype(jnp.float32)
+    logits = (logits - jnp.max(logits, axis=-1, keepdims=True)) / temperature
     # top-k: keep logits at least the k-th largest (k = vocab keeps all); k is traced
     sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
     kth = jax.lax.dynamic_slice_in_dim(sorted_logits, top_k - 1, 1, axis=-1)

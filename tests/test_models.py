@@ -7,6 +7,8 @@ torch models is in test_models_hf.py, the Pallas path in test_models_adasplash.p
 
 import dataclasses
 import os
+import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,14 +16,19 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import models
 from models import (
+    ATTENTION_KINDS,
     BertConfig,
     BertForMaskedLM,
     BertForSequenceClassification,
     BertModel,
+    ByteTokenizer,
     GPT2Config,
     GPT2LMHeadModel,
+    attention_maps,
     attention_sparsity,
+    check_alpha_config,
     make_attention_fn,
     plot_attention,
     set_attention_fn,
@@ -31,12 +38,22 @@ from models import gpt2 as gpt2_module
 KINDS = ("softmax", "entmax")
 
 
+# The suite's models: the "tiny" preset made smaller still (vocab 128, 64 positions, width 32), to stay fast.
+def gpt2_config(**kw):
+    return GPT2Config.preset("tiny", **{**dict(vocab_size=128, n_positions=64, n_embd=32), **kw})
+
+
+def bert_config(**kw):
+    small = dict(vocab_size=128, max_position_embeddings=64, hidden_size=32, intermediate_size=64)
+    return BertConfig.preset("tiny", **{**small, **kw})
+
+
 def gpt2(attention="softmax", **kw):
-    return GPT2LMHeadModel(GPT2Config.preset("tiny", attention=attention, **kw), rngs=nnx.Rngs(0))
+    return GPT2LMHeadModel(gpt2_config(attention=attention, **kw), rngs=nnx.Rngs(0))
 
 
 def bert(cls=BertModel, attention="softmax", **kw):
-    return cls(BertConfig.preset("tiny", attention=attention, **kw), rngs=nnx.Rngs(0))
+    return cls(bert_config(attention=attention, **kw), rngs=nnx.Rngs(0))
 
 
 def ids(shape, vocab=128, seed=0):
@@ -55,10 +72,52 @@ def test_presets_match_published_sizes():
     assert (b.hidden_size, b.num_hidden_layers, b.num_attention_heads, b.intermediate_size) == (768, 12, 12, 3072)
     assert (large.hidden_size, large.num_hidden_layers, large.num_attention_heads) == (1024, 24, 16)
     assert b.vocab_size == 30522 and b.max_position_embeddings == 512
-    c = dataclasses.replace(GPT2Config.preset("tiny"), attention="entmax", alpha=[1.2, 2.0])
+    c = dataclasses.replace(gpt2_config(), attention="entmax", alpha=[1.2, 2.0])
     assert c.alpha == (1.2, 2.0) and c.attention == "entmax"
     with pytest.raises(ValueError, match="preset"):
         GPT2Config.preset("gpt3")
+
+
+def test_byte_level_presets_are_the_training_sizes():
+    t, s = GPT2Config.preset("tiny"), GPT2Config.preset("small")
+    assert (t.vocab_size, t.n_positions, t.n_embd, t.n_layer, t.n_head) == (256, 256, 64, 2, 4)
+    assert (s.vocab_size, s.n_positions, s.n_embd, s.n_layer, s.n_head) == (256, 512, 256, 4, 8)
+    bt, bs = BertConfig.preset("tiny"), BertConfig.preset("small")
+    fields = lambda c: (c.vocab_size, c.max_position_embeddings, c.hidden_size, c.num_hidden_layers,  # noqa: E731
+                        c.num_attention_heads, c.intermediate_size)
+    assert fields(bt) == (260, 256, 64, 2, 4, 256)
+    assert fields(bs) == (260, 512, 256, 4, 8, 1024)
+    # the vocabularies are the byte tokenizers' (bytes; bytes + BERT's four specials)
+    assert t.vocab_size == s.vocab_size == ByteTokenizer().vocab_size
+    assert bt.vocab_size == bs.vocab_size == ByteTokenizer.bert().vocab_size
+
+
+def test_one_kind_list_and_one_alpha_check_from_the_package():
+    from adasplash_jax.entmax import check_alpha
+
+    assert ATTENTION_KINDS == ("softmax", "entmax", "adasplash")
+    assert all(callable(make_attention_fn(kind)) for kind in ATTENTION_KINDS)
+    a = check_alpha_config(np.float32(1.5), 2, 4)
+    assert a == 1.5 and type(a) is float
+    assert check_alpha_config([1.2, [1.1, 1.5, 1.8, 2]], 2, 4) == (1.2, (1.1, 1.5, 1.8, 2.0))
+    assert check_alpha_config(1.25) == 1.25  # a CLI value, before the model's sizes are known
+    with pytest.raises(ValueError, match="n_layer"):
+        check_alpha_config((1.5, 1.5), 3, 4)
+    # each value is accepted or refused exactly as the library's check_alpha decides
+    for value in (1.0, 1 + 1e-8, 1 + 1e-5, 1.0005, 1.01, 1.5, 2.0, 2 + 1e-7, 2.5, -1.0, float("nan"), float("inf")):
+        try:
+            check_alpha(value)
+        except ValueError:
+            for config in (value, (1.5, (1.5, value))):
+                with pytest.raises(ValueError, match="alpha"):
+                    check_alpha_config(config, 2, 2)
+        else:
+            assert check_alpha_config((1.5, (1.5, value)), 2, 2) == (1.5, (1.5, float(value)))
+
+
+def test_no_module_is_named_like_a_standard_library_module():
+    names = {p.stem for p in pathlib.Path(models.__file__).parent.glob("*.py")}
+    assert not names & set(sys.stdlib_module_names)
 
 
 @pytest.mark.parametrize(
@@ -68,8 +127,11 @@ def test_presets_match_published_sizes():
         (lambda: GPT2Config(attention="linear"), "attention"),
         (lambda: GPT2Config(alpha=2.5), "alpha"),
         (lambda: GPT2Config(alpha=1.0), "alpha"),
+        (lambda: GPT2Config(alpha="1.5"), "alpha"),
+        (lambda: GPT2Config(alpha=None), "alpha"),
         (lambda: GPT2Config.preset("tiny", alpha=(1.5,)), "alpha"),
-        (lambda: GPT2Config.preset("tiny", alpha=(1.5, (1.5, 1.5))), "alpha"),
+        (lambda: GPT2Config.preset("tiny", alpha=(1.5, (1.5, 1.5))), r"alpha\[1\]"),
+        (lambda: GPT2Config.preset("tiny", alpha=(1.5, (1.5, 1.5, 2.5, 1.5))), r"alpha\[1\]\[2\]"),
         (lambda: GPT2Config(dropout=1.0), "dropout"),
         (lambda: GPT2Config(activation_function="swish2"), "activation_function"),
         (lambda: GPT2Config(n_layer=0), "n_layer"),
@@ -227,7 +289,7 @@ def test_make_attention_fn_and_set_attention_fn():
 
 
 def test_dropout_uses_the_models_dropout_stream():
-    model = GPT2LMHeadModel(GPT2Config.preset("tiny", dropout=0.2), rngs=nnx.Rngs(params=0, dropout=1))
+    model = GPT2LMHeadModel(gpt2_config(dropout=0.2), rngs=nnx.Rngs(params=0, dropout=1))
     x = ids((1, 8))
     det = model(x)
     np.testing.assert_allclose(model(x, deterministic=True), det, atol=0)
@@ -238,31 +300,39 @@ def test_dropout_uses_the_models_dropout_stream():
 # --------------------------------------------------------------------------- inspection
 
 
-def test_attention_sparsity_counts_only_allowed_entries():
-    model = gpt2("entmax", alpha=2.0)
-    x = ids((1, 10), seed=8)
-    s = attention_sparsity(model, x)
-    assert s.shape == (2, 4) and s.dtype == jnp.float32
-    assert np.all((np.asarray(s) >= 0) & (np.asarray(s) < 1))
-    # jit-friendly, and softmax is dense by definition
-    np.testing.assert_allclose(nnx.jit(attention_sparsity)(model, x), s, atol=0)
+def test_attention_sparsity_counts_exact_zeros_among_allowed_entries():
+    # initializer_range 0.2: scores large enough for sparsemax to leave many exact zeros
+    x = ids((2, 10), seed=8)
+    padded = jnp.concatenate([x, ids((2, 6), seed=9)], axis=1)
+    mask = jnp.array([[1] * 10 + [0] * 6, [1] * 10 + [0] * 6])
+    causal, full = np.tril(np.ones((10, 10), bool)), np.ones((10, 10), bool)
+    results = []
+    for model, allowed in ((gpt2("entmax", alpha=2.0, initializer_range=0.2), causal),
+                           (bert(BertModel, "entmax", alpha=2.0, initializer_range=0.2), full)):
+        s = attention_sparsity(model, x)
+        results.append(s)
+        assert s.shape == (2, 4) and s.dtype == jnp.float32
+        # an independent count on the maps: zeros among the allowed pairs, over batch and positions
+        maps = np.asarray(attention_maps(model, x))
+        expected = ((maps == 0) & allowed).sum(axis=(1, 3, 4)) / (2 * allowed.sum())
+        assert expected.min() > 0.2  # not a vacuous comparison
+        np.testing.assert_allclose(s, expected, atol=1e-6)
+        np.testing.assert_allclose(nnx.jit(attention_sparsity)(model, x), s, atol=1e-6)
+        # padded keys and padded query rows are not counted
+        maps = np.asarray(attention_maps(model, padded, mask))[..., :10, :10]
+        expected = ((maps == 0) & allowed).sum(axis=(1, 3, 4)) / (2 * allowed.sum())
+        np.testing.assert_allclose(attention_sparsity(model, padded, mask), expected, atol=1e-6)
+        np.testing.assert_allclose(attention_sparsity(model, padded, mask), s, atol=0.03)
+        # the model's own attention function is back in place
+        own = make_attention_fn("entmax")
+        assert all(layer.attention_fn is own for layer in models.attention.attention_layers(model))
+    # "adasplash" models are counted on the dense path (same probabilities); softmax is dense by definition
+    pallas = gpt2("adasplash", alpha=2.0, initializer_range=0.2)
+    np.testing.assert_array_equal(attention_sparsity(pallas, x), results[0])
     np.testing.assert_array_equal(attention_sparsity(gpt2("softmax"), x), np.zeros((2, 4)))
-    # padded keys and queries are not counted: padding leaves the statistic (nearly) unchanged
-    padded = jnp.concatenate([x, ids((1, 6), seed=9)], axis=1)
-    mask = jnp.array([[1] * 10 + [0] * 6])
-    for m in (model, bert(BertModel, "entmax", alpha=2.0)):
-        np.testing.assert_allclose(attention_sparsity(m, padded, mask), attention_sparsity(m, x), atol=0.03)
-    # an independent count on the maps of a bidirectional model: zeros over all T*T entries
-    from models import attention_maps
-
-    bm = bert(BertModel, "entmax", alpha=2.0)
-    maps = np.asarray(attention_maps(bm, x))
-    np.testing.assert_allclose(attention_sparsity(bm, x), (maps == 0).mean(axis=(1, 3, 4)), atol=1e-6)
 
 
 def test_attention_maps_are_distributions_over_allowed_keys():
-    from models import attention_maps
-
     model = bert(BertModel, "entmax", alpha=1.5)
     x = ids((2, 7))
     mask = jnp.array([[1] * 7, [1] * 4 + [0] * 3])
@@ -331,6 +401,66 @@ def test_sampling_options():
         assert int(out[0, 4]) in top3
     with pytest.raises(ValueError, match="rng"):
         model.generate(prompt, 2, temperature=1.0)
+
+
+def test_generate_arguments_are_checked_and_named():
+    model = gpt2("entmax")
+    prompt = ids((2, 4), seed=13)
+    key = jax.random.key(0)
+    greedy = model.generate(prompt, 3)
+    # numpy scalars are numbers like any other
+    out = model.generate(prompt, np.int64(3), temperature=np.float32(0.5), top_k=np.int64(5), top_p=np.float64(0.9),
+                         rng=key)
+    np.testing.assert_array_equal(out, model.generate(prompt, 3, temperature=0.5, top_k=5, top_p=0.9, rng=key))
+    # temperatures so small that logits / temperature would overflow (or that are 0 in float32) are greedy
+    for t in (1e-45, np.float32(1e-38), 1e-30):
+        np.testing.assert_array_equal(model.generate(prompt, 3, temperature=t, rng=key), greedy)
+    # batch 0: an empty result
+    empty = model.generate(prompt[:0], 3)
+    assert empty.shape == (0, 7) and empty.dtype == prompt.dtype
+    bad = [
+        dict(top_p="0.9"), dict(top_p=0.0), dict(top_p=1.5), dict(top_p=float("nan")),
+        dict(top_k=0), dict(top_k=2.0), dict(top_k="3"), dict(top_k=129), dict(top_k=True),
+        dict(temperature=-1.0), dict(temperature=float("nan")), dict(temperature=float("inf")), dict(temperature="1"),
+        dict(alpha=1.0), dict(alpha=2.5), dict(alpha="1.5"), dict(alpha=jnp.float32(0.5)),
+        dict(rng=5), dict(rng=jax.random.split(key)),
+    ]
+    for kw in bad:
+        with pytest.raises(ValueError, match=next(iter(kw))):
+            model.generate(prompt, 3, **{"rng": key, "temperature": 1.0, **kw})
+    for n in (-1, 2.0, "3", True):
+        with pytest.raises(ValueError, match="max_new_tokens"):
+            model.generate(prompt, n)
+    # a concrete α override of a plain call is checked too (inside jit only its dtype can be)
+    with pytest.raises(ValueError, match="alpha"):
+        model(prompt, alpha=1.0)
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def test_byte_tokenizer_round_trips_text_with_the_training_ids():
+    tok = ByteTokenizer()
+    text = "def f(x):\n    return 'héllo wörld — 日本語 🙂'"
+    encoded = tok.encode(text)
+    assert encoded.dtype == np.int32 and encoded.tolist() == list(text.encode("utf-8"))
+    assert tok.decode(encoded) == text and tok.decode(jnp.asarray(encoded)) == text and tok.decode([]) == ""
+    assert tok.decode([104, 0xFF, 105]) == "h\ufffdi"  # invalid UTF-8 is replaced
+    with pytest.raises(ValueError, match="vocabulary"):
+        tok.decode([256])
+    bt = ByteTokenizer.bert()
+    assert bt.vocab_size == 260
+    assert [bt.token_id(s) for s in ("[PAD]", "[MASK]", "[CLS]", "[SEP]")] == [256, 257, 258, 259]
+    ids_ = np.concatenate([[bt.token_id("[CLS]")], bt.encode("né"), [bt.token_id("[MASK]")]])
+    assert bt.decode(ids_) == "né" and bt.decode(ids_, skip_specials=False) == "[CLS]né[MASK]"
+    # the same ids as the training data pipeline's tokenizer
+    data = pytest.importorskip("train.data")
+    if hasattr(data, "ByteTokenizer"):
+        train_tok = data.ByteTokenizer(data.BERT_SPECIALS)
+        assert train_tok.vocab_size == bt.vocab_size
+        assert [train_tok.token_id(s) for s in data.BERT_SPECIALS] == [bt.token_id(s) for s in data.BERT_SPECIALS]
+        np.testing.assert_array_equal(train_tok.encode(text.encode("utf-8")), bt.encode(text))
+        assert train_tok.decode(encoded) == tok.decode(encoded)
 
 
 # --------------------------------------------------------------------------- bad input

@@ -14,6 +14,16 @@ from flax import nnx
 from models import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
 
+# The "tiny" presets made smaller still (vocab 128, 64 positions, width 32): interpret mode is slow.
+def _gpt2_config(**kw):
+    return GPT2Config.preset("tiny", vocab_size=128, n_positions=64, n_embd=32, **kw)
+
+
+def _bert_config(**kw):
+    return BertConfig.preset("tiny", vocab_size=128, max_position_embeddings=64, hidden_size=32, intermediate_size=64,
+                             **kw)
+
+
 def _pair(cls, config):
     dense = cls(dataclasses.replace(config, attention="entmax"), rngs=nnx.Rngs(0))
     pallas = cls(dataclasses.replace(config, attention="adasplash"), rngs=nnx.Rngs(0))
@@ -28,7 +38,7 @@ def _assert_trees_close(a, b, atol):
 
 
 def test_gpt2_adasplash_matches_entmax_logits_and_gradients():
-    config = GPT2Config.preset("tiny", alpha=(1.5, 1.8), learn_alpha=True)
+    config = _gpt2_config(alpha=(1.5, 1.8), learn_alpha=True)
     dense, pallas = _pair(GPT2LMHeadModel, config)
     x = jnp.asarray(np.random.RandomState(0).randint(0, 128, (2, 12)), jnp.int32)
 
@@ -46,10 +56,10 @@ def test_gpt2_adasplash_matches_entmax_logits_and_gradients():
 
 
 def test_bert_adasplash_matches_entmax_with_padding():
-    config = BertConfig.preset("tiny", alpha=1.5, num_labels=3)
+    config = _bert_config(alpha=1.5, num_labels=3)
     dense, pallas = _pair(BertForSequenceClassification, config)
     x = jnp.asarray(np.random.RandomState(1).randint(0, 128, (2, 10)), jnp.int32)
-    mask = jnp.array([[1] * 10, [1] * 6 + [0] * 4])  # right padding → key_value_seq_lengths
+    mask = jnp.array([[1] * 10, [1] * 6 + [0] * 4])  # right padding: folded into segment ids
 
     def loss(model):
         logits = model(x, mask)
@@ -63,6 +73,6 @@ def test_bert_adasplash_matches_entmax_with_padding():
 
 
 def test_gpt2_adasplash_generation_matches_entmax():
-    dense, pallas = _pair(GPT2LMHeadModel, GPT2Config.preset("tiny", alpha=1.5))
+    dense, pallas = _pair(GPT2LMHeadModel, _gpt2_config(alpha=1.5))
     prompt = jnp.asarray(np.random.RandomState(2).randint(0, 128, (2, 5)), jnp.int32)
     np.testing.assert_array_equal(pallas.generate(prompt, 4), dense.generate(prompt, 4))

@@ -5,6 +5,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+from adasplash_jax import entmax_attention_with_stats
+from models.attention import attention_layers
+
 
 def attention_maps(model, input_ids, attention_mask=None, **call_kwargs):
     """Attention probabilities of every layer, float32 [n_layers, batch, heads, T, T].
@@ -17,34 +20,40 @@ def attention_maps(model, input_ids, attention_mask=None, **call_kwargs):
 
 
 def attention_sparsity(model, input_ids, attention_mask=None, **call_kwargs):
-    """Fraction of exact zeros among the allowed (unmasked) attention entries, [n_layers, n_heads].
+    """Fraction of exact zeros among the allowed attention entries of each layer and head, [n_layers, n_heads].
 
-    0 for softmax attention. Allowed entries: causal for GPT-2; where ``attention_mask`` is
-    given, only pairs of a non-padded query and a non-padded key (padded query rows are
-    junk and not counted). Pure JAX, so it can run under ``jax.jit``/``nnx.jit``.
+    Counted by the library: the model runs once with every layer's call going through
+    ``adasplash_jax.entmax_attention_with_stats(..., implementation="xla")``, whose
+    ``nonzero_fraction`` is the share of non-zero probabilities among the (query, key) pairs
+    the mask allows; this is 1 minus it. Allowed pairs: causal for GPT-2, and where
+    ``attention_mask`` is given only pairs of a real query and a real key (padded query
+    rows are junk and not counted). The dense path stands in for "adasplash" models (same
+    probabilities). 0 for softmax attention. Pure JAX: runs under ``jax.jit``/``nnx.jit``.
     """
-    # Each layer's map is reduced on its own (never stacked), so under jit only one
-    # [B, N, T, S] map needs to be alive at a time.
-    _, layer_probs = model(input_ids, attention_mask, output_attentions=True, **call_kwargs)
-    L = len(layer_probs)
-    B, N, T, S = layer_probs[0].shape
+    layers = attention_layers(model)
     if model.config.attention == "softmax":
-        return jnp.zeros((L, N), jnp.float32)
-    keep = jnp.ones((B, 1, T, S), jnp.bool_)
-    if _is_causal(model):
-        keep = keep & (jnp.arange(S)[None, :] <= jnp.arange(T)[:, None])
-    if attention_mask is not None:
-        valid = jnp.asarray(attention_mask).astype(bool)
-        keep = keep & valid[:, None, None, :] & valid[:, None, :, None]
-    keep = jnp.broadcast_to(keep, (B, N, T, S))
-    zeros = jnp.stack([((p == 0) & keep).sum(axis=(0, 2, 3)) for p in layer_probs]).astype(jnp.float32)
-    return zeros / jnp.maximum(keep.sum(axis=(0, 2, 3)).astype(jnp.float32), 1.0)
+        return jnp.zeros((len(layers), layers[0].n_head), jnp.float32)
+    nonzero = []
 
+    def counting(query, key, value, *, alpha, mask, is_causal, key_value_seq_lengths):
+        if mask is not None:  # the models' key-padding mask [B, 1, 1, S]: count real queries only
+            mask = mask & jnp.swapaxes(mask, -1, -2)
+        out, stats = entmax_attention_with_stats(
+            query, key, value, alpha=alpha, mask=mask, is_causal=is_causal,
+            key_value_seq_lengths=key_value_seq_lengths, implementation="xla",
+        )
+        nonzero.append(stats.nonzero_fraction)
+        return out
 
-def _is_causal(model) -> bool:
-    from models.gpt2 import GPT2LMHeadModel
-
-    return isinstance(model, GPT2LMHeadModel)
+    own = [layer.attention_fn for layer in layers]
+    try:
+        for layer in layers:
+            layer.attention_fn = counting
+        model(input_ids, attention_mask, **call_kwargs)
+    finally:
+        for layer, fn in zip(layers, own):
+            layer.attention_fn = fn
+    return jnp.clip(1.0 - jnp.stack(nonzero), 0.0, 1.0)
 
 
 def plot_attention(
@@ -79,8 +88,7 @@ def plot_attention(
     fig, axes = plt.subplots(
         len(layers), len(heads), figsize=(2.2 * len(heads), 2.2 * len(layers)), squeeze=False
     )
-    cmap = matplotlib.colormaps["viridis"].copy()
-    cmap.set_bad("white")
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="white")
     for r, l in enumerate(layers):
         for c, h in enumerate(heads):
             ax = axes[r, c]
