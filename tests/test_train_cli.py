@@ -61,7 +61,8 @@ def test_gpt2_cli_sigterm_saves_a_checkpoint(tmp_path):
     assert "SIGTERM" in text
     saved = [int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()]
     assert len(saved) == 1 and saved[0] >= 3
-    assert records(out)[-1]["step"] == saved[0]  # the interrupted step is logged
+    assert (out / "checkpoints" / str(saved[0]) / "integrity.json").exists()  # sealed before exiting
+    assert records(out)[-1]["step"] == saved[0]  # log_every=1: the interrupted step is a logged step anyway
 
 
 def test_bert_cli_pretrain_then_finetune(tmp_path):
