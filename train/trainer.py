@@ -57,7 +57,7 @@ class RunResult:
     out: Path
     train_step: Callable | None = None  # the jitted step, for inspection (compile count)
     signal: int | None = None  # the signal that stopped the run, if any
-    state: object = None  # the final (model, optimizer) state
+    state: object = None  # the final {"model": ..., "optimizer": ...} state
 
 
 # --------------------------------------------------------------------------------------------------- sharding
