@@ -109,6 +109,7 @@ class Checkpointer:
         self.mngr = ocp.CheckpointManager(
             self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
         self._unsealed: list[int] = []
+        self._closed = False
 
     # ---- saving
 
@@ -137,6 +138,10 @@ class Checkpointer:
         self._seal()
 
     def close(self) -> None:
+        """Finish and seal the last save; safe to call more than once."""
+        if self._closed:
+            return
+        self._closed = True
         self._seal()
         self.mngr.close()
 

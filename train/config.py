@@ -47,7 +47,7 @@ DEFAULT_ALPHA = 1.5  # α of entmax / adasplash attention when --alpha is not gi
 @dataclass
 class ModelConfig:
     preset: str = "tiny"  # tiny | small | gpt2 (| gpt2-medium ...) | bert-base (| bert-large): models' presets
-    init_from: str | None = None  # a Hugging Face checkpoint folder or name, loaded with models.from_pretrained
+    init_from: str | None = None  # a Hugging Face checkpoint folder, loaded with models.from_pretrained
     attention: str = "entmax"  # softmax | entmax | adasplash
     alpha: float | None = None  # α of entmax attention (default 1.5); refused with softmax attention
     alpha_start: float | None = None  # anneal α linearly from this value (near 1) to `alpha`

@@ -454,10 +454,34 @@ class _Loop:
 
     # ---- the loop
 
+    def periodic_work(self, step, state, *, last, stopping) -> None:
+        """Run the work due after `step`; its fields make one metrics record. A non-finite loss or gradient norm
+        is logged, then raised as Diverged before anything saves the state."""
+        due = [w for w in self.periodic if w.due(step, last=last, stopping=stopping)]
+        if not due:
+            self.progress.update(step)
+            return
+        self.host_metrics = m = jax.device_get(self.metrics)
+        diverged = not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"]))
+        record = {}
+        for work in due:
+            if not (diverged and work.saves):
+                record.update(work.fn(step, state) or {})
+        if record:
+            self.write({"step": step, **record})
+        if diverged:
+            raise Diverged(self.diverged_message(step))
+
     def run(self) -> RunResult:
-        cfg, r, S, say = self.cfg, self.cfg.run, self.S, self.say
-        state = S.state
-        start, state = self.resume(state)
+        try:
+            return self._train()
+        finally:
+            self.ckpt.close()  # finishes and seals the last save, also after an error
+            self.progress.close()
+
+    def _train(self) -> RunResult:
+        r, S, say = self.cfg.run, self.S, self.say
+        start, state = self.resume(S.state)
         if start == 0:
             say(f"{self.task.describe}; {S.n_params:,} parameters; mesh {dict(S.mesh.shape)}; "
                 f"{r.steps} steps × {r.batch_size} × {self.task.tokens_per_example} tokens")
@@ -481,21 +505,7 @@ class _Loop:
                         self.on_step(step)
                     last = step == r.steps
                     stopping = stop.signum is not None or (r.stop_after is not None and step == r.stop_after)
-                    due = [w for w in self.periodic if w.due(step, last=last, stopping=stopping)]
-                    if due:
-                        self.host_metrics = jax.device_get(self.metrics)
-                        diverged = not (np.isfinite(self.host_metrics["loss"])
-                                        and np.isfinite(self.host_metrics["grad_norm"]))
-                        record = {}
-                        for work in due:
-                            if not (diverged and work.saves):  # a diverged state is never saved
-                                record.update(work.fn(step, state) or {})
-                        if record:
-                            self.write({"step": step, **record})
-                        if diverged:
-                            raise Diverged(self.diverged_message(step))
-                    else:
-                        self.progress.update(step)
+                    self.periodic_work(step, state, last=last, stopping=stopping)
                     if stopping and not last:
                         interrupted = True
                         why = signal.Signals(stop.signum).name if stop.signum is not None else f"stop_after={r.stop_after}"
@@ -506,9 +516,8 @@ class _Loop:
             except KeyboardInterrupt:  # a second Ctrl-C: leave without waiting for another save
                 interrupted = True
                 say(f"aborted at step {step}; the last completed checkpoint is kept")
-            finally:
-                self.ckpt.close()
-                self.progress.close()
+        self.ckpt.close()
+        self.progress.close()
         if not interrupted:
             exported = ""
             if self.task.export is not None and jax.process_count() == 1:
