@@ -54,14 +54,20 @@ def test_gpt2_loss_falls_one_compile_and_metrics(tmp_path):
     # α annealing, gradient accumulation and bf16 compute all in the one compiled step
     cfg = cfg_for(tmp_path, steps=12, alpha_start=1.05, alpha_anneal_steps=6, grad_accum=2, dtype="bfloat16",
                   log_every=5, eval_every=6)
-    res = train(cfg)
+    from train.trainer import Periodic
+
+    seen = []
+    extra = Periodic("mine", 8, lambda step, state: seen.append(step) or {"mine": len(jax.tree.leaves(state))})
+    res = train(cfg, periodic=(extra,))
     assert res.step == 12 and not res.interrupted
     assert res.train_step._cache_size() == 1  # no recompiles although α changed every step
     every = read_jsonl(tmp_path / "run" / "metrics.jsonl")
-    # each periodic job at its own period (log 5, eval 6, sparsity 4), all of them after the final step
-    assert [(r["step"], sorted(k for k in r if k in ("loss", "val_loss", "sparsity"))) for r in every] == [
-        (4, ["sparsity"]), (5, ["loss"]), (6, ["val_loss"]), (8, ["sparsity"]), (10, ["loss"]),
-        (12, ["loss", "sparsity", "val_loss"])]
+    # each periodic job at its own period (log 5, eval 6, sparsity 4, ours 8), all of them after the final step
+    keys = ("loss", "val_loss", "sparsity", "mine")
+    assert [(r["step"], sorted(k for k in r if k in keys)) for r in every] == [
+        (4, ["sparsity"]), (5, ["loss"]), (6, ["val_loss"]), (8, ["mine", "sparsity"]), (10, ["loss"]),
+        (12, ["loss", "mine", "sparsity", "val_loss"])]
+    assert seen == [8, 12] and every[3]["mine"] > 10
     recs = [r for r in every if "loss" in r]
     assert all(np.isfinite(r["loss"]) for r in recs)
     assert recs[-1]["loss_avg"] < recs[0]["loss_avg"] - 0.5

@@ -9,6 +9,10 @@ modification times), the tokenizer and the split.
 
 Batches are functions of ``(seed, step)`` only, so a resumed run draws exactly the batches an uninterrupted run
 would have drawn.
+
+What cannot be a corpus — a missing path, a dangling link, a device such as /dev/null, a folder with no readable,
+non-hidden, non-empty file, a split too short for one window — is a :class:`~train.config.ConfigError` naming
+``data`` and the path.
 """
 
 from __future__ import annotations

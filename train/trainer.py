@@ -328,17 +328,18 @@ class Periodic:
 
 
 def run(cfg: TrainConfig, task: Task, *, sparsity_fn: Callable | None = None, on_step: Callable | None = None,
-        log: Callable[[str], None] | None = None) -> RunResult:
+        log: Callable[[str], None] | None = None, periodic: tuple[Periodic, ...] = ()) -> RunResult:
     """Train (or resume) according to `cfg`. `sparsity_fn(model, **inputs, alpha=)` → [layers, heads] fractions of
-    exact zeros (None: not logged). `on_step(step)` is called after every step (tests use it). Raises
-    :class:`Diverged` when the loss or gradient norm turns non-finite (nothing is saved from then on)."""
+    exact zeros (None: not logged). `on_step(step)` is called after every step (tests use it). `periodic`: more
+    work, run after the built-in metrics and before the checkpoint. Raises :class:`Diverged` when the loss or
+    gradient norm turns non-finite (nothing is saved from then on)."""
     out = Path(cfg.run.out)
     out.mkdir(parents=True, exist_ok=True)
     lead = jax.process_index() == 0  # with several processes only the first one writes metrics and prints
     progress = Progress(cfg.run.steps, 0, cfg.run.progress and lead)
     say = (log or progress.print) if lead else (lambda *_: None)
     try:
-        return _Loop(cfg, task, sparsity_fn, on_step, progress, say, out, lead).run()
+        return _Loop(cfg, task, sparsity_fn, on_step, progress, say, out, lead, periodic).run()
     finally:
         progress.close()  # also when set-up or restoring fails: give the terminal back
 
@@ -346,7 +347,7 @@ def run(cfg: TrainConfig, task: Task, *, sparsity_fn: Callable | None = None, on
 class _Loop:
     """One run: set-up, resumption, the step loop, and the periodic work registered in `periodic`."""
 
-    def __init__(self, cfg, task, sparsity_fn, on_step, progress, say, out, lead):
+    def __init__(self, cfg, task, sparsity_fn, on_step, progress, say, out, lead, extra=()):
         self.cfg, self.task, self.on_step, self.progress, self.say, self.out, self.lead = (
             cfg, task, on_step, progress, say, out, lead)
         self.S = setup(cfg, task, sparsity_fn)
@@ -367,6 +368,7 @@ class _Loop:
         ]
         if self.S.sparsity_step is not None:
             self.periodic.append(Periodic("sparsity", r.sparsity_every, self.sparsity))
+        self.periodic.extend(extra)
         self.periodic.append(Periodic("checkpoint", r.save_every, self.save, on_stop=True, saves=True))
 
     # ---- periodic work
