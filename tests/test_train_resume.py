@@ -169,3 +169,21 @@ def test_a_checkpoint_with_non_finite_values_is_diverged_not_corrupt(tmp_path):
     assert step == 1
     np.testing.assert_array_equal(np.asarray(restored["model"]["kernel"][...]), np.ones((4, 8), np.float32))
     assert jax.tree.structure(restored) == jax.tree.structure(state)
+
+
+def test_a_checkpoint_of_the_earlier_flat_format_is_refused_not_discarded(tmp_path):
+    import orbax.checkpoint as ocp
+
+    from train.config import ConfigError
+
+    mngr = ocp.CheckpointManager(tmp_path / "ck", options=ocp.CheckpointManagerOptions(create=True))
+    mngr.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave({"0.kernel": jnp.ones((4, 8))}),
+                                         meta=ocp.args.JsonSave({"step": 3, "config": {}})))
+    mngr.wait_until_finished()
+    mngr.close()
+    state = _small_state(1.0)
+    ckpt = Checkpointer(tmp_path / "ck", keep=3, log=lambda *_: None)
+    with pytest.raises(ConfigError, match="older version"):
+        ckpt.restore_latest(state, state_shardings(state, make_mesh(None)), cfg_for(tmp_path, "x"))
+    ckpt.close()
+    assert (tmp_path / "ck" / "3").is_dir()
