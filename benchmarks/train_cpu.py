@@ -24,7 +24,7 @@ import time
 import jax
 import numpy as np
 
-from train.config import TrainConfig
+from train.config import make_config
 from train.tasks import make_task
 from train.trainer import setup
 
@@ -34,9 +34,10 @@ class Runner:
 
     def __init__(self, kind: str, args):
         self.kind = kind
-        self.cfg = TrainConfig(task=args.task, preset=args.preset, positions=args.positions, attention=kind, alpha=args.alpha,
-                               batch_size=args.batch_size, seq_len=args.seq_len, steps=args.warmup + args.steps,
-                               progress=False, out=tempfile.mkdtemp(prefix="bench-"))
+        self.cfg = make_config(task=args.task, preset=args.preset, positions=args.positions, attention=kind,
+                               alpha=None if kind == "softmax" else args.alpha, batch_size=args.batch_size,
+                               seq_len=args.seq_len, steps=args.warmup + args.steps, progress=False,
+                               out=tempfile.mkdtemp(prefix="bench-"))
         self.s = setup(self.cfg, make_task(self.cfg, log=lambda *_: None))
         self.state, self.i, self.times = self.s.state, 0, []
         t0 = time.perf_counter()
@@ -58,7 +59,7 @@ class Runner:
         assert self.s.train_step._cache_size() == 1
         med = statistics.median(self.times)
         return {"attention": self.kind, "compile_s": self.compile_s, "median_step_s": med, "steps_per_s": 1 / med,
-                "tokens_per_s": self.cfg.batch_size * self.cfg.seq_len / med, "loss": float(self.loss),
+                "tokens_per_s": self.cfg.run.batch_size * self.cfg.data.seq_len / med, "loss": float(self.loss),
                 "p10_step_s": float(np.percentile(self.times, 10)),
                 "p90_step_s": float(np.percentile(self.times, 90))}
 

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from train.config import TrainConfig
+from train.config import make_config
 from train.tasks import make_task, sparsity
 from train.trainer import run
 
@@ -34,7 +34,7 @@ def cfg_for(tmp_path, name="run", **kw):
     base = dict(task="lm", steps=8, batch_size=8, seq_len=32, lr=3e-3, warmup_steps=2, out=str(tmp_path / name),
                 progress=False, log_every=1, eval_every=4, eval_batches=1, sparsity_every=4, save_every=4)
     base.update(kw)
-    return TrainConfig(**base)
+    return make_config(**base)
 
 
 def train(cfg, **kw):
@@ -54,14 +54,24 @@ def test_gpt2_loss_falls_one_compile_and_metrics(tmp_path):
     # α annealing, gradient accumulation and bf16 compute all in the one compiled step
     cfg = cfg_for(tmp_path, steps=12, alpha_start=1.05, alpha_anneal_steps=6, grad_accum=2, dtype="bfloat16",
                   log_every=5, eval_every=6)
-    res = train(cfg)
+    from train.trainer import Periodic
+
+    seen = []
+    extra = Periodic("mine", 8, lambda step, state: seen.append(step) or {"mine": len(jax.tree.leaves(state))})
+    res = train(cfg, periodic=(extra,))
     assert res.step == 12 and not res.interrupted
     assert res.train_step._cache_size() == 1  # no recompiles although α changed every step
-    recs = read_jsonl(tmp_path / "run" / "metrics.jsonl")
-    assert [r["step"] for r in recs] == [5, 10, 12]  # the final step is always logged
+    every = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    # each periodic job at its own period (log 5, eval 6, sparsity 4, ours 8), all of them after the final step
+    keys = ("loss", "val_loss", "sparsity", "mine")
+    assert [(r["step"], sorted(k for k in r if k in keys)) for r in every] == [
+        (4, ["sparsity"]), (5, ["loss"]), (6, ["val_loss"]), (8, ["mine", "sparsity"]), (10, ["loss"]),
+        (12, ["loss", "mine", "sparsity", "val_loss"])]
+    assert seen == [8, 12] and every[3]["mine"] > 10
+    recs = [r for r in every if "loss" in r]
     assert all(np.isfinite(r["loss"]) for r in recs)
     assert recs[-1]["loss_avg"] < recs[0]["loss_avg"] - 0.5
-    assert "val_loss" in recs[-1] and "val_ppl" in recs[-1] and "val_loss" not in recs[0]
+    assert "val_ppl" in recs[-1] and "val_loss" not in recs[0]
     assert recs[-1]["alpha"] == pytest.approx(1.5) and recs[0]["alpha"] == pytest.approx(1.05 + 0.45 * 4 / 6)
     assert len(recs[-1]["sparsity"]) == 2 and len(recs[-1]["sparsity_heads"][0]) == 4  # layers, heads
     assert all(0.0 <= s <= 1.0 for s in recs[-1]["sparsity"])
@@ -151,14 +161,14 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
 def test_fsdp_shards_parameters_and_optimizer_state(tmp_path):
     from flax import nnx
 
-    from train.trainer import make_mesh, make_optimizer, state_shardings
+    from train.trainer import make_mesh, state_shardings
 
     cfg = cfg_for(tmp_path, mesh="fsdp=4")
     task = make_task(cfg, **QUIET)
     model = task.build_model(cfg, nnx.Rngs(0))
-    opt = nnx.Optimizer(model, make_optimizer(cfg)[0], wrt=nnx.Param)
-    _, state = nnx.split((model, opt))
-    sh = state_shardings(state, make_mesh(cfg.mesh))
+    opt = nnx.Optimizer(model, cfg.optim.build(cfg.run.steps), wrt=nnx.Param)
+    state = {"model": nnx.state(model), "optimizer": nnx.state(opt)}
+    sh = state_shardings(state, make_mesh(cfg.run.mesh))
     placed = jax.device_put(state, sh)
     big = [x for x in jax.tree.leaves(placed) if getattr(x, "size", 0) >= 4096]
     assert big and all("fsdp" in str(x.sharding.spec) for x in big)

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 import models  # noqa: F401 - imported before jax.jit is patched below (its decorators run at import)
-from train.config import ConfigError, TrainConfig, parse_args, parse_mesh
+from train.config import ConfigError, TrainConfig, make_config, parse_args, parse_mesh
 from train.data import (BPETokenizer, ClassifyBatches, LMBatches, MLMBatches, is_val_document, label_of,
                         list_documents, load_corpus)
 from train.tasks import make_task
-from train.trainer import fsdp_spec, make_optimizer
+from train.trainer import fsdp_spec
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,21 +24,75 @@ REPO = Path(__file__).resolve().parents[1]
 def cfg_for(tmp_path, **kw):
     base = dict(task="lm", steps=10, batch_size=8, seq_len=32, out=str(tmp_path / "run"), progress=False)
     base.update(kw)
-    return TrainConfig(**base)
+    return make_config(**base)
 
 
 # --------------------------------------------------------------------------------------------- command line
 
 
 def test_cli_overrides_dataclass_fields():
-    d = TrainConfig(task="lm", out="runs/x")
+    d = make_config(task="lm", out="runs/x")
     cfg = parse_args(["--steps", "7", "--batch-size", "4", "--alpha", "1.25", "--alpha-start", "1.01",
-                      "--mesh", "data=2,fsdp=4", "--no-progress", "--data", "none", "--attention", "softmax"],
+                      "--mesh", "data=2,fsdp=4", "--no-progress", "--data", "none", "--attention", "adasplash",
+                      "--optim.lr", "0.01", "--b2=0.95"],
                      prog="t", description="t", defaults=d)
-    assert (cfg.steps, cfg.batch_size, cfg.alpha, cfg.alpha_start) == (7, 4, 1.25, 1.01)
-    assert cfg.mesh == "data=2,fsdp=4" and cfg.progress is False and cfg.data is None
-    assert cfg.attention == "softmax" and cfg.out == "runs/x" and cfg.task == "lm"
+    assert (cfg.run.steps, cfg.run.batch_size, cfg.model.alpha, cfg.model.alpha_start) == (7, 4, 1.25, 1.01)
+    assert cfg.run.mesh == "data=2,fsdp=4" and cfg.run.progress is False and cfg.data.path is None
+    assert cfg.model.attention == "adasplash" and cfg.run.out == "runs/x" and cfg.task == "lm"
+    assert (cfg.optim.lr, cfg.optim.b2) == (0.01, 0.95)
     assert parse_args([], prog="t", description="t", defaults=d) == d
+
+
+def test_config_is_nested_and_its_types_come_from_the_annotations():
+    import typing
+
+    from train.config import OPTIONS, DataConfig, ModelConfig, OptimConfig, RunConfig, flatten
+
+    cfg = TrainConfig()
+    assert (type(cfg.model), type(cfg.data), type(cfg.optim), type(cfg.run)) == (ModelConfig, DataConfig,
+                                                                                   OptimConfig, RunConfig)
+    # every field of every part is an option, under a name unique across the parts
+    n_fields = 1 + sum(len(dataclasses.fields(c)) for c in (ModelConfig, DataConfig, OptimConfig, RunConfig))
+    assert len(OPTIONS) == n_fields and set(flatten(cfg)) == set(OPTIONS)
+    assert OPTIONS["data"].section == "data" and OPTIONS["data"].name == "path"
+    assert OPTIONS["seed"].type is int and OPTIONS["alpha"].type is float and OPTIONS["alpha"].optional
+    assert typing.get_type_hints(RunConfig)["stop_after"] == int | None
+    text = open(REPO / "train" / "config.py").read()
+    assert "eval(" not in text
+
+
+def test_bert_task_defaults_come_from_one_parse(monkeypatch):
+    import argparse
+
+    from train import bert
+
+    calls = []
+    original = argparse.ArgumentParser.parse_args
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args",
+                        lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    kw = dict(prog="t", description="t", defaults=bert.DEFAULTS, task_defaults=bert.TASK_DEFAULTS)
+    mlm = parse_args([], **kw)
+    cls = parse_args(["--lr", "5e-4", "--task=classify"], **kw)  # --task after other options, `=` form
+    assert (mlm.task, mlm.run.out, mlm.optim.lr, mlm.run.eval_batches) == ("mlm", "runs/bert", 2e-3, 4)
+    assert (cls.task, cls.run.out, cls.optim.lr, cls.run.eval_batches) == ("classify", "runs/bert-classify", 5e-4, 16)
+    assert len(calls) == 2  # one parse per command line
+    assert not hasattr(bert, "_task_of")
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--task", "lm"], **kw)
+    assert e.value.code == 2
+
+
+def test_optimizer_is_built_from_its_own_config():
+    from train.config import OptimConfig
+
+    o = OptimConfig(lr=1e-2, grad_clip=0.0, weight_decay=0.0)
+    tx = o.build(total_steps=10)
+    params = {"w": jax.numpy.ones((2, 2)), "b": jax.numpy.ones(2)}
+    state = tx.init(params)
+    grads = jax.tree.map(jax.numpy.ones_like, params)
+    updates, _ = tx.update(grads, state, params)
+    assert float(updates["w"][0, 0]) == 0.0  # warm-up starts at lr 0
+    assert float(o.schedule(10)(o.warmup_steps if o.warmup_steps < 9 else 9)) > 0
 
 
 def test_parse_mesh():
@@ -59,6 +113,20 @@ def test_parse_mesh():
         (dict(alpha=1.0), "alpha"),
         (dict(alpha=0.5), "alpha"),
         (dict(alpha=1.0, attention="softmax"), "alpha"),
+        (dict(alpha=1.5, attention="softmax"), "alpha"),
+        (dict(alpha=1.00000001), "alpha"),
+        (dict(alpha=2.5), "alpha"),
+        (dict(alpha_start=1 + 1e-9), "alpha_start"),
+        (dict(seed=-1), "seed"),
+        (dict(lr=float("inf")), "lr"),
+        (dict(lr=float("nan")), "lr"),
+        (dict(b1=1.5), "b1"),
+        (dict(b2=-0.5), "b2"),
+        (dict(weight_decay=-1.0), "weight_decay"),
+        (dict(grad_clip=float("nan")), "grad_clip"),
+        (dict(min_lr_ratio=float("nan")), "min_lr_ratio"),
+        (dict(dropout=float("nan")), "dropout"),
+        (dict(init_from="/nonexistent/checkpoint"), "init_from"),
         (dict(alpha_start=1.0), "alpha_start"),
         (dict(batch_size=12, mesh="data=8"), "batch_size"),
         (dict(batch_size=8, grad_accum=2, mesh="data=2,fsdp=4"), "batch_size"),
@@ -190,16 +258,18 @@ def test_bpe_tokenizer(tmp_path):
 
 
 def test_alpha_annealing_schedule():
-    cfg = TrainConfig(steps=100, alpha=1.5, alpha_start=1.01, alpha_anneal_steps=50)
+    cfg = make_config(steps=100, alpha=1.5, alpha_start=1.01, alpha_anneal_steps=50)
     assert cfg.alpha_at(0) == pytest.approx(1.01)
     assert cfg.alpha_at(25) == pytest.approx(1.01 + 0.49 * 0.5)
     assert cfg.alpha_at(50) == cfg.alpha_at(99) == pytest.approx(1.5)
-    assert TrainConfig(alpha=1.7).alpha_at(3) == 1.7
+    assert make_config(alpha=1.7).alpha_at(3) == 1.7
+    assert make_config().alpha_at(3) == 1.5  # the default α
+    assert make_config(attention="softmax").alpha_at(3) is None
 
 
 def test_learning_rate_warmup_then_cosine():
-    cfg = TrainConfig(steps=110, lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)
-    _, sched = make_optimizer(cfg)
+    cfg = make_config(steps=110, lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)
+    sched = cfg.optim.schedule(cfg.run.steps)
     assert float(sched(0)) == 0.0
     assert float(sched(5)) == pytest.approx(0.5e-3)
     assert float(sched(10)) == pytest.approx(1e-3)
@@ -221,12 +291,18 @@ def test_fsdp_spec_rule():
 
 
 def test_config_is_a_dataclass():
+    from train.config import override
+
     assert dataclasses.is_dataclass(TrainConfig)
-    assert dataclasses.replace(TrainConfig(), steps=3).steps == 3
+    assert override(TrainConfig(), steps=3).run.steps == 3
+    with pytest.raises(TypeError, match="unknown"):
+        override(TrainConfig(), stepz=3)
 
 
 def test_init_from_a_hugging_face_folder(tmp_path):
     from flax import nnx
+
+    from train.config import override
 
     from models import GPT2Config, GPT2LMHeadModel, save_pretrained
 
@@ -238,12 +314,12 @@ def test_init_from_a_hugging_face_folder(tmp_path):
     np.testing.assert_array_equal(np.asarray(model.wte.embedding[...]),
                                   np.asarray(src.wte.embedding[...]))
     with pytest.raises(ConfigError) as e:
-        make_task(dataclasses.replace(cfg, seq_len=128), log=lambda *_: None)
+        make_task(override(cfg, seq_len=128), log=lambda *_: None)
     assert e.value.field == "seq_len"
     small = GPT2LMHeadModel(GPT2Config.preset("tiny", vocab_size=128), rngs=nnx.Rngs(0))
     save_pretrained(small, str(tmp_path / "small_vocab"))
     with pytest.raises(ConfigError) as e:
-        make_task(dataclasses.replace(cfg, init_from=str(tmp_path / "small_vocab")), log=lambda *_: None)
+        make_task(override(cfg, init_from=str(tmp_path / "small_vocab")), log=lambda *_: None)
     assert e.value.field == "init_from"
 
 
@@ -251,9 +327,25 @@ def test_positions_override_and_its_validation():
     from train.config import validate
     from train.tasks import gpt2_config
 
-    cfg = TrainConfig(preset="tiny", positions=512, seq_len=400)
+    cfg = make_config(preset="tiny", positions=512, seq_len=400)
     assert gpt2_config(cfg, 256).n_positions == 512
     with pytest.raises(ValueError, match="positions"):
-        validate(TrainConfig(positions=0), presets=("tiny",), num_devices=1)
+        validate(make_config(positions=0), num_devices=1)
     with pytest.raises(ValueError, match="positions"):
-        validate(TrainConfig(positions=512, init_from="/some/checkpoint"), presets=("tiny",), num_devices=1)
+        validate(make_config(positions=512, init_from=str(REPO)), num_devices=1)
+
+
+def test_presets_are_the_models_presets():
+    from models import BertConfig, GPT2Config
+    from train.tasks import bert_config, gpt2_config
+
+    g = gpt2_config(make_config(preset="tiny"), 256)
+    assert (g.n_positions, g.n_embd, g.n_layer, g.n_head, g.vocab_size) == (256, 64, 2, 4, 256)
+    b = bert_config(make_config(task="mlm", preset="small"), 260)
+    assert (b.max_position_embeddings, b.hidden_size, b.num_hidden_layers, b.intermediate_size) == (512, 256, 4, 1024)
+    big = gpt2_config(make_config(preset="gpt2"), 256)
+    assert big == GPT2Config.preset("gpt2", vocab_size=256, attention="entmax", alpha=1.5)
+    assert bert_config(make_config(task="mlm", preset="bert-base"), 260) == BertConfig.preset(
+        "bert-base", vocab_size=260, attention="entmax", alpha=1.5)
+    text = open(REPO / "train" / "config.py").read() + open(REPO / "train" / "tasks.py").read()
+    assert "ATTENTIONS =" not in text and "GPT2_PRESETS" not in text

@@ -12,24 +12,17 @@ import sys
 from train.config import TrainConfig
 from train.tasks import main as _main
 
-DEFAULTS = TrainConfig(task="mlm", out="runs/bert")
+DEFAULTS = TrainConfig(task="mlm")
+# chosen by --task in the same parse as every other option; options given on the command line win
+TASK_DEFAULTS = {
+    "mlm": dict(out="runs/bert"),
+    "classify": dict(out="runs/bert-classify", lr=1e-3, eval_batches=16),
+}
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    defaults = DEFAULTS
-    if _task_of(argv) == "classify":
-        defaults = TrainConfig(task="classify", out="runs/bert-classify", lr=1e-3, eval_batches=16)
-    return _main(argv, prog="python -m train.bert", description=__doc__.splitlines()[0], defaults=defaults)
-
-
-def _task_of(argv) -> str | None:
-    for i, a in enumerate(argv):
-        if a == "--task" and i + 1 < len(argv):
-            return argv[i + 1]
-        if a.startswith("--task="):
-            return a.split("=", 1)[1]
-    return None
+    return _main(argv, prog="python -m train.bert", description=__doc__.splitlines()[0], defaults=DEFAULTS,
+                 task_defaults=TASK_DEFAULTS)
 
 
 if __name__ == "__main__":

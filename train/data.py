@@ -9,6 +9,10 @@ modification times), the tokenizer and the split.
 
 Batches are functions of ``(seed, step)`` only, so a resumed run draws exactly the batches an uninterrupted run
 would have drawn.
+
+What cannot be a corpus — a missing path, a dangling link, a device such as /dev/null, a folder with no readable,
+non-hidden, non-empty file, a split too short for one window — is a :class:`~train.config.ConfigError` naming
+``data`` and the path.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from train.config import ConfigError
 
 CACHE_VERSION = 1
 BERT_SPECIALS = ("[PAD]", "[MASK]", "[CLS]", "[SEP]")
@@ -44,16 +50,39 @@ def _stdlib_files() -> tuple[Path, list[Path]]:
     return root, sorted(files)
 
 
+def check_data_path(data: str) -> None:
+    """Refuses, naming the path, what cannot be a corpus: a missing path, a dangling link, a device such as
+    /dev/null, an empty file or a folder without a readable non-empty, non-hidden file."""
+    _path_files(Path(data))
+
+
 def _path_files(path: Path) -> tuple[Path, list[Path]]:
+    if path.is_symlink() and not path.exists():
+        raise ConfigError("data", f"{path}: dangling symbolic link (to {os.readlink(path)})")
+    if not path.exists():
+        raise ConfigError("data", f"{path}: no such file or folder")
     if path.is_file():
-        return path.parent, [path]
-    files = []
-    for dirpath, dirnames, filenames in os.walk(path):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__pycache__")
-        files.extend(Path(dirpath) / f for f in sorted(filenames) if not f.startswith("."))
-    if not files:
-        raise FileNotFoundError(f"data: no files under {path}")
-    return path, sorted(files)
+        files, root = [path], path.parent
+    elif path.is_dir():
+        root, files = path, []
+        for dirpath, dirnames, filenames in os.walk(path):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__pycache__")
+            files.extend(Path(dirpath) / f for f in sorted(filenames) if not f.startswith("."))
+        for f in files:
+            if f.is_symlink() and not f.exists():
+                raise ConfigError("data", f"{f}: dangling symbolic link (to {os.readlink(f)})")
+        files = [f for f in files if f.is_file()]  # sockets, devices, fifos are no text
+        if not files:
+            raise ConfigError("data", f"{path}: no files to read (hidden files and folders are skipped)")
+    else:
+        raise ConfigError("data", f"{path}: not a regular file or a folder")
+    for f in files:
+        if not os.access(f, os.R_OK):
+            raise ConfigError("data", f"{f}: not readable")
+    if all(f.stat().st_size == 0 for f in files):
+        what = "the file is" if path.is_file() else f"all {len(files)} files are"
+        raise ConfigError("data", f"{path}: {what} empty")
+    return root, sorted(files)
 
 
 def list_documents(data: str | None) -> tuple[Path, list[Path]]:
@@ -193,7 +222,10 @@ def _split_documents(root: Path, files: list[Path], val_fraction: float):
     by_file = len(files) >= 20
     for f in files:
         name = str(f.relative_to(root)) if f != root else f.name
-        data = f.read_bytes()
+        try:
+            data = f.read_bytes()
+        except OSError as e:
+            raise ConfigError("data", f"{f}: cannot read ({e.strerror or e})") from None
         if not data:
             continue
         if by_file:
@@ -235,7 +267,9 @@ def load_corpus(data: str | None = None, *, tokenizer: str = "byte", specials: t
 
     docs = _split_documents(root, files, val_fraction)
     if not any(v for _, _, v in docs) or all(v for _, _, v in docs):
-        raise ValueError(f"data: split of {source} left one side empty; adjust val_fraction")
+        side = "validation" if not any(v for _, _, v in docs) else "training"
+        raise ConfigError("data", f"{data if data is not None else root}: the {side} split is empty "
+                                  f"(val_fraction={val_fraction}, {len(files)} file(s)); add text or change val_fraction")
     if tokenizer == "bpe":
         log(f"training a byte-level BPE tokenizer (vocab {bpe_vocab_size}) on {source}")
         tok = BPETokenizer.train((d.decode("utf-8", errors="replace") for _, d, v in docs if not v),
@@ -283,7 +317,9 @@ class LMBatches:
     def __init__(self, corpus: Corpus, seq_len: int, seed: int):
         for split, toks in (("train", corpus.train), ("validation", corpus.val)):
             if len(toks) <= seq_len + 1:
-                raise ValueError(f"seq_len: {split} split has only {len(toks)} tokens, fewer than seq_len + 1")
+                raise ConfigError("data", f"{corpus.source}: the {split} split has {len(toks)} tokens; a window "
+                                          f"needs more than seq_len + 1 = {seq_len + 1}: use more text or a "
+                                          "smaller --seq-len")
         self.corpus, self.seq_len, self.seed = corpus, seq_len, seed
 
     def _make(self, tokens, starts):

@@ -9,11 +9,13 @@ import sys
 from train.config import TrainConfig
 from train.tasks import main as _main
 
-DEFAULTS = TrainConfig(task="lm", out="runs/gpt2")
+DEFAULTS = TrainConfig(task="lm")
+TASK_DEFAULTS = {"lm": dict(out="runs/gpt2")}
 
 
 def main(argv=None) -> int:
-    return _main(argv, prog="python -m train.gpt2", description=__doc__.splitlines()[0], defaults=DEFAULTS)
+    return _main(argv, prog="python -m train.gpt2", description=__doc__.splitlines()[0], defaults=DEFAULTS,
+                 task_defaults=TASK_DEFAULTS)
 
 
 if __name__ == "__main__":

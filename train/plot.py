@@ -31,17 +31,18 @@ def _label(run_dir: Path) -> str:
     cfg = run_dir / "config.json"
     if cfg.exists():
         c = json.loads(cfg.read_text())
-        att = c.get("attention", "?")
-        return att if att == "softmax" else f"{att} α={c.get('alpha')}"
+        m = c.get("model", c)  # nested config (older runs: flat)
+        att = m.get("attention", "?")
+        return att if att == "softmax" else f"{att} α={m.get('alpha') or 1.5}"
     return run_dir.name
 
 
 def _plot_loss(ax, runs):
     for i, (name, recs) in enumerate(runs):
         color = f"C{i}"
-        steps = [r["step"] for r in recs]
-        train = [r.get("loss_avg", r["loss"]) for r in recs]
-        ax.plot(steps, train, color=color, lw=1.2, label=f"{name} train")
+        train = [(r["step"], r.get("loss_avg", r["loss"])) for r in recs if "loss" in r]
+        if train:
+            ax.plot(*zip(*train), color=color, lw=1.2, label=f"{name} train")
         val = [(r["step"], r["val_loss"]) for r in recs if r.get("val_loss") is not None]
         if val:
             ax.plot(*zip(*val), color=color, ls="--", marker="o", ms=3, lw=1, label=f"{name} val")

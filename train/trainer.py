@@ -11,7 +11,6 @@ run resumed from a checkpoint replays exactly the same computation as an uninter
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import signal
@@ -28,8 +27,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from train.checkpoint import Checkpointer
-from train.config import TrainConfig, parse_mesh
+from train.checkpoint import Checkpointer, Diverged
+from train.config import TrainConfig, parse_mesh, to_dict
 
 BATCH_AXES = ("data", "fsdp")
 
@@ -58,24 +57,7 @@ class RunResult:
     out: Path
     train_step: Callable | None = None  # the jitted step, for inspection (compile count)
     signal: int | None = None  # the signal that stopped the run, if any
-    state: object = None  # the final (model, optimizer) state
-
-
-# ------------------------------------------------------------------------------------------------- optimiser
-
-
-def make_optimizer(cfg: TrainConfig) -> tuple[optax.GradientTransformation, Callable]:
-    warmup = min(cfg.warmup_steps, max(cfg.steps - 1, 0))
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=cfg.lr, warmup_steps=warmup, decay_steps=max(cfg.steps, warmup + 1),
-        end_value=cfg.lr * cfg.min_lr_ratio)
-
-    def decay_mask(params):  # no weight decay on biases, norms' scales and per-head α
-        return jax.tree.map(lambda p: p.ndim >= 2, params)
-
-    parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
-    parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask))
-    return optax.chain(*parts), schedule
+    state: object = None  # the final {"model": ..., "optimizer": ...} state
 
 
 # --------------------------------------------------------------------------------------------------- sharding
@@ -130,11 +112,20 @@ def state_shardings(state, mesh: Mesh):
 # ---------------------------------------------------------------------------------------------------- steps
 
 
-def build_steps(graphdef, task: Task, cfg: TrainConfig):
-    """(train_step, eval_step) as pure functions of the split (model, optimizer) state."""
+@dataclass(frozen=True)
+class Graphs:
+    """The static halves of the split model and optimiser; the state is {"model": ..., "optimizer": ...}."""
+
+    model: object
+    optimizer: object
+
+
+def build_steps(graphs: Graphs, task: Task):
+    """(train_step, eval_step) as pure functions of the state {"model": nnx.State, "optimizer": nnx.State}."""
 
     def train_step(state, batch, alpha):
-        model, optimizer = nnx.merge(graphdef, state)
+        model = nnx.merge(graphs.model, state["model"])
+        optimizer = nnx.merge(graphs.optimizer, state["optimizer"])
         mgraph, params, rest = nnx.split(model, nnx.Param, ...)
         total = jnp.maximum(batch["weights"].sum(), 1.0)
 
@@ -155,10 +146,10 @@ def build_steps(graphdef, task: Task, cfg: TrainConfig):
         grad_norm = optax.tree.norm(grads)
         optimizer.update(model, grads)
         metrics = {"loss": sums.sum() / total, "grad_norm": grad_norm, "accuracy": corrects.sum() / total}
-        return nnx.state((model, optimizer)), metrics
+        return {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}, metrics
 
     def eval_step(state, batch, alpha):
-        model, _ = nnx.merge(graphdef, state)
+        model = nnx.merge(graphs.model, state["model"])
         loss_sum, correct = task.loss(model, batch, alpha, deterministic=True)
         return loss_sum, batch["weights"].sum(), correct
 
@@ -254,10 +245,10 @@ class Setup:
     """Everything a run needs, built and placed but not yet compiled (jax.jit is lazy)."""
 
     mesh: Mesh
-    graphdef: object
-    state: object
-    shardings: object
-    schedule: Callable
+    graphs: Graphs
+    state: dict  # {"model": nnx.State, "optimizer": nnx.State}, placed on the mesh
+    shardings: dict
+    schedule: Callable  # optimiser step → learning rate
     n_params: int
     train_step: Callable  # jitted (state, batch, alpha) → (state, metrics)
     eval_step: Callable  # jitted (state, batch, alpha) → (loss sum, weight, correct)
@@ -269,21 +260,23 @@ class Setup:
 
 
 def setup(cfg: TrainConfig, task: Task, sparsity_fn: Callable | None = None) -> Setup:
-    mesh = make_mesh(cfg.mesh)
-    rngs = nnx.Rngs(params=cfg.seed, dropout=cfg.seed + 1)
+    r = cfg.run
+    mesh = make_mesh(r.mesh)
+    rngs = nnx.Rngs(params=r.seed, dropout=r.seed + 1)
     model = task.build_model(cfg, rngs)
     if task.prepare is not None:
         task.prepare(model, mesh)
-    tx, schedule = make_optimizer(cfg)
-    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-    graphdef, state = nnx.split((model, optimizer))
+    optimizer = nnx.Optimizer(model, cfg.optim.build(r.steps), wrt=nnx.Param)
+    mgraph, mstate = nnx.split(model)
+    ograph, ostate = nnx.split(optimizer)
+    graphs, state = Graphs(mgraph, ograph), {"model": mstate, "optimizer": ostate}
     shardings = state_shardings(state, mesh)
     state = place(state, shardings)
     del model, optimizer
-    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(nnx.merge(graphdef, state)[0], nnx.Param)))
+    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(nnx.merge(mgraph, state["model"]), nnx.Param)))
 
-    anneal = cfg.attention != "softmax" and cfg.alpha_start is not None
-    train_step, eval_step = build_steps(graphdef, task, cfg)
+    anneal = cfg.model.attention != "softmax" and cfg.model.alpha_start is not None
+    train_step, eval_step = build_steps(graphs, task)
     repl = NamedSharding(mesh, P())
     train_batch_sh = NamedSharding(mesh, P(None, BATCH_AXES))  # [grad_accum, micro_batch, ...]
     eval_batch_sh = NamedSharding(mesh, P(BATCH_AXES))
@@ -293,8 +286,7 @@ def setup(cfg: TrainConfig, task: Task, sparsity_fn: Callable | None = None) -> 
     jit_sparsity = None
     if sparsity_fn is not None:
         def sparsity_step(state, inputs, alpha):
-            model, _ = nnx.merge(graphdef, state)
-            return sparsity_fn(model, **inputs, alpha=alpha)
+            return sparsity_fn(nnx.merge(mgraph, state["model"]), **inputs, alpha=alpha)
 
         jit_sparsity = jax.jit(sparsity_step, in_shardings=(shardings, eval_batch_sh, repl), out_shardings=repl)
 
@@ -311,163 +303,227 @@ def setup(cfg: TrainConfig, task: Task, sparsity_fn: Callable | None = None) -> 
         return {k: place(v) for k, v in b.items()}
 
     def train_batch(step):
-        b = task.batches.train_batch(step, cfg.batch_size)
-        return device_batch({k: v.reshape(cfg.grad_accum, cfg.micro_batch_size, *v.shape[1:]) for k, v in b.items()},
+        b = task.batches.train_batch(step, r.batch_size)
+        return device_batch({k: v.reshape(r.grad_accum, r.micro_batch_size, *v.shape[1:]) for k, v in b.items()},
                             train_batch_sh)
 
-    return Setup(mesh, graphdef, state, shardings, schedule, n_params, jit_train, jit_eval, jit_sparsity,
-                 train_batch, device_batch, eval_batch_sh, alpha_arg)
+    return Setup(mesh, graphs, state, shardings, cfg.optim.schedule(r.steps), n_params, jit_train, jit_eval,
+                 jit_sparsity, train_batch, device_batch, eval_batch_sh, alpha_arg)
+
+
+@dataclass
+class Periodic:
+    """Work registered with its period: run after every `every`-th step and after the final one, and with
+    `on_stop` also after the step at which the run is stopped early. `fn(step, state)` returns the fields it
+    adds to that step's metrics record (or None)."""
+
+    name: str
+    every: int
+    fn: Callable[[int, dict], dict | None]
+    on_stop: bool = False
+    saves: bool = False  # writes the state (skipped once the run has diverged)
+
+    def due(self, step: int, *, last: bool, stopping: bool) -> bool:
+        return step % self.every == 0 or last or (stopping and self.on_stop)
 
 
 def run(cfg: TrainConfig, task: Task, *, sparsity_fn: Callable | None = None, on_step: Callable | None = None,
-        log: Callable[[str], None] | None = None) -> RunResult:
+        log: Callable[[str], None] | None = None, periodic: tuple[Periodic, ...] = ()) -> RunResult:
     """Train (or resume) according to `cfg`. `sparsity_fn(model, **inputs, alpha=)` → [layers, heads] fractions of
-    exact zeros (None: not logged). `on_step(step)` is called after every step (tests use it)."""
-    out = Path(cfg.out)
+    exact zeros (None: not logged). `on_step(step)` is called after every step (tests use it). `periodic`: more
+    work, run after the built-in metrics and before the checkpoint. Raises :class:`Diverged` when the loss or
+    gradient norm turns non-finite (nothing is saved from then on)."""
+    out = Path(cfg.run.out)
     out.mkdir(parents=True, exist_ok=True)
     lead = jax.process_index() == 0  # with several processes only the first one writes metrics and prints
-    progress = Progress(cfg.steps, 0, cfg.progress and lead)
+    progress = Progress(cfg.run.steps, 0, cfg.run.progress and lead)
     say = (log or progress.print) if lead else (lambda *_: None)
     try:
-        return _run(cfg, task, sparsity_fn, on_step, progress, say, out, lead)
+        return _Loop(cfg, task, sparsity_fn, on_step, progress, say, out, lead, periodic).run()
     finally:
         progress.close()  # also when set-up or restoring fails: give the terminal back
 
 
-def _run(cfg, task, sparsity_fn, on_step, progress, say, out, lead) -> RunResult:
-    S = setup(cfg, task, sparsity_fn)
-    mesh, graphdef, state, shardings, schedule = S.mesh, S.graphdef, S.state, S.shardings, S.schedule
-    n_params, jit_train, jit_eval, jit_sparsity = S.n_params, S.train_step, S.eval_step, S.sparsity_step
-    train_batch, device_batch, alpha_arg = S.train_batch, S.device_batch, S.alpha_arg
-    eval_batch_sh = S.eval_batch_sharding
-    del S
+class _Loop:
+    """One run: set-up, resumption, the step loop, and the periodic work registered in `periodic`."""
 
-    val_batches = [device_batch(task.batches.val_batch(i, cfg.micro_batch_size, cfg.eval_batches), eval_batch_sh)
-                   for i in range(cfg.eval_batches)]
+    def __init__(self, cfg, task, sparsity_fn, on_step, progress, say, out, lead, extra=()):
+        self.cfg, self.task, self.on_step, self.progress, self.say, self.out, self.lead = (
+            cfg, task, on_step, progress, say, out, lead)
+        self.S = setup(cfg, task, sparsity_fn)
+        r = cfg.run
+        self.val_batches = [self.S.device_batch(task.batches.val_batch(i, r.micro_batch_size, r.eval_batches),
+                                                self.S.eval_batch_sharding) for i in range(r.eval_batches)]
+        self.metrics_path = out / "metrics.jsonl"
+        self.records: list[dict] = []
+        self.window: list = []  # losses since the last training record (device scalars, or floats once restored)
+        self.metrics = None  # the last step's metrics (on device)
+        self.host_metrics = None  # the same, fetched at steps with periodic work
+        self.last_avg = (None, None)  # (step, loss_avg) of the last training record
+        self.t_mark, self.tokens_since, self.t_start = None, 0, time.time()
+        self.ckpt = Checkpointer(out / "checkpoints", keep=r.keep, log=say)
+        self.periodic = [
+            Periodic("train metrics", r.log_every, self.train_metrics),
+            Periodic("evaluation", r.eval_every, self.evaluate),
+        ]
+        if self.S.sparsity_step is not None:
+            self.periodic.append(Periodic("sparsity", r.sparsity_every, self.sparsity))
+        self.periodic.extend(extra)
+        self.periodic.append(Periodic("checkpoint", r.save_every, self.save, on_stop=True, saves=True))
 
-    def evaluate(state, step):
-        a = alpha_arg(step)
+    # ---- periodic work
+
+    def train_metrics(self, step, state):
+        m = self.host_metrics
+        losses = [float(x) for x in jax.device_get(self.window)]
+        self.window = []
+        now = time.time()
+        tps = self.tokens_since / (now - self.t_mark) if self.tokens_since and now > self.t_mark else None
+        if tps:
+            self.t_mark, self.tokens_since = now, 0
+        rec = {"loss": float(m["loss"]), "loss_avg": float(np.mean(losses)), "grad_norm": float(m["grad_norm"]),
+               "lr": float(self.S.schedule(step - 1)), "alpha": self.cfg.alpha_at(step - 1),
+               "tokens_per_s": tps, "elapsed_s": now - self.t_start}
+        if self.task.classification:
+            rec["accuracy"] = float(m["accuracy"])
+        self.progress.update(step, rec["loss_avg"], tps)
+        self.last_avg = (step, rec["loss_avg"])
+        return rec
+
+    def evaluate(self, step, state):
+        a = self.S.alpha_arg(step - 1)
         tot = w = c = 0.0
-        for vb in val_batches:
-            s, n, k = jax.device_get(jit_eval(state, vb, a))
+        for vb in self.val_batches:
+            s, n, k = jax.device_get(self.S.eval_step(state, vb, a))
             tot, w, c = tot + float(s), w + float(n), c + float(k)
         res = {"val_loss": tot / max(w, 1.0)}
-        if task.classification:
+        if self.task.classification:
             res["val_accuracy"] = c / max(w, 1.0)
+            extra = f"val_acc {res['val_accuracy']:.3f}"
         else:
             res["val_ppl"] = math.exp(min(res["val_loss"], 50.0))
+            extra = f"val_ppl {res['val_ppl']:.2f}"
+        avg_step, avg = self.last_avg
+        loss = avg if avg_step == step else float(self.host_metrics["loss"])
+        self.say(f"step {step}: loss {loss:.4f}  val_loss {res['val_loss']:.4f}  {extra}")
         return res
 
-    def sparsity(state, step):
-        inputs = task.sparsity_inputs({k: v for k, v in val_batches[0].items()})
-        s = np.asarray(jax.device_get(jit_sparsity(state, inputs, alpha_arg(step))))
+    def sparsity(self, step, state):
+        inputs = self.task.sparsity_inputs(dict(self.val_batches[0]))
+        s = np.asarray(jax.device_get(self.S.sparsity_step(state, inputs, self.S.alpha_arg(step - 1))))
         return {"sparsity": s.mean(axis=-1).tolist(), "sparsity_heads": s.tolist()}
 
-    # ---- checkpoints: resume if possible
-    ckpt = Checkpointer(out / "checkpoints", keep=cfg.keep, log=say)
-    start = 0
-    restored = ckpt.restore_latest(state, shardings, cfg)
-    metrics_path = out / "metrics.jsonl"
-    records: list[dict] = []
-    if restored is not None:
-        start, state = restored
-        say(f"resuming from the checkpoint at step {start} in {ckpt.directory}")
-        if metrics_path.exists():
-            for line in metrics_path.read_text().splitlines():
-                try:
-                    r = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if r.get("step", 0) <= start:
-                    records.append(r)
-    if lead:
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-    if start == 0:
-        say(f"{task.describe}; {n_params:,} parameters; mesh {dict(mesh.shape)}; "
-            f"{cfg.steps} steps × {cfg.batch_size} × {task.tokens_per_example} tokens")
+    def save(self, step, state):
+        window = [float(x) for x in jax.device_get(self.window)]
+        self.ckpt.save(step, state, self.cfg, {"window_losses": window})
 
-    def write(record):
-        records.append(record)
-        if not lead:
+    def diverged_message(self, step) -> str:
+        m = self.host_metrics
+        saved = [s for s in self.ckpt.mngr.all_steps() if s < step]
+        kept = f"the checkpoint at step {max(saved)} is kept" if saved else "no checkpoint was saved"
+        return (f"diverged at step {step}: loss {float(m['loss'])}, grad_norm {float(m['grad_norm'])}; nothing is "
+                f"saved from this state ({kept}); lower --lr or raise --warmup-steps, and use a new --out")
+
+    # ---- records
+
+    def write(self, record):
+        self.records.append(record)
+        if self.lead:
+            with self.metrics_path.open("a") as f:
+                f.write(json.dumps(_jsonable(record)) + "\n")
+
+    def resume(self, state):
+        """(start step, state): the newest sound checkpoint's, with the metrics records up to it and the losses
+        since its last record, so that every later record equals an uninterrupted run's."""
+        restored = self.ckpt.restore_latest(state, self.S.shardings, self.cfg)
+        start = 0
+        if restored is not None:
+            start, state, metrics_state = restored
+            self.window = list(metrics_state.get("window_losses", []))
+            self.say(f"resuming from the checkpoint at step {start} in {self.ckpt.directory}")
+            if self.metrics_path.exists():
+                for line in self.metrics_path.read_text().splitlines():
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+                    if rec.get("step", 0) <= start:
+                        self.records.append(rec)
+        if self.lead:
+            self.metrics_path.write_text("".join(json.dumps(rec) + "\n" for rec in self.records))
+            (self.out / "config.json").write_text(json.dumps(to_dict(self.cfg), indent=2) + "\n")
+        return start, state
+
+    # ---- the loop
+
+    def periodic_work(self, step, state, *, last, stopping) -> None:
+        """Run the work due after `step`; its fields make one metrics record. A non-finite loss or gradient norm
+        is logged, then raised as Diverged before anything saves the state."""
+        due = [w for w in self.periodic if w.due(step, last=last, stopping=stopping)]
+        if not due:
+            self.progress.update(step)
             return
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(_jsonable(record)) + "\n")
+        self.host_metrics = m = jax.device_get(self.metrics)
+        diverged = not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"]))
+        record = {}
+        for work in due:
+            if not (diverged and work.saves):
+                record.update(work.fn(step, state) or {})
+        if record:
+            self.write({"step": step, **record})
+        if diverged:
+            raise Diverged(self.diverged_message(step))
 
-    # ---- loop
-    interrupted = False
-    step = start
-    progress.update(start)
-    window_losses = []
-    t_mark, tokens_since = None, 0
-    prev = None
-    t_start = time.time()
-    with StopSignal() as stop:
+    def run(self) -> RunResult:
         try:
-            while step < cfg.steps:
-                a = alpha_arg(step)
-                batch = train_batch(step)
-                state, metrics = jit_train(state, batch, a)
-                if prev is not None:
-                    jax.block_until_ready(prev)  # keep at most one step in flight
-                prev = metrics
-                step += 1
-                window_losses.append(metrics["loss"])
-                if t_mark is None:  # first step includes compilation: time from its end
-                    jax.block_until_ready(metrics)
-                    t_mark = time.time()
-                else:
-                    tokens_since += cfg.batch_size * task.tokens_per_example
-                if on_step is not None:
-                    on_step(step)
-                last = step == cfg.steps
-                stopping = stop.signum is not None or (cfg.stop_after is not None and step == cfg.stop_after)
-                if step % cfg.log_every == 0 or last or stopping:
-                    m = jax.device_get(metrics)
-                    losses = [float(x) for x in jax.device_get(window_losses)]
-                    window_losses = []
-                    now = time.time()
-                    tps = tokens_since / (now - t_mark) if tokens_since and now > t_mark else None
-                    record = {"step": step, "loss": float(m["loss"]), "loss_avg": float(np.mean(losses)),
-                              "grad_norm": float(m["grad_norm"]), "lr": float(schedule(step - 1)),
-                              "alpha": cfg.alpha_at(step - 1) if cfg.attention != "softmax" else None,
-                              "tokens_per_s": tps, "elapsed_s": now - t_start}
-                    if task.classification:
-                        record["accuracy"] = float(m["accuracy"])
-                    if step % cfg.eval_every == 0 or last:
-                        record.update(evaluate(state, step - 1))
-                    if jit_sparsity is not None and (step % cfg.sparsity_every == 0 or last):
-                        record.update(sparsity(state, step - 1))
-                    write(record)
-                    progress.update(step, record["loss_avg"], tps)
-                    if "val_loss" in record:
-                        extra = (f"val_acc {record['val_accuracy']:.3f}" if task.classification
-                                 else f"val_ppl {record['val_ppl']:.2f}")
-                        say(f"step {step}: loss {record['loss_avg']:.4f}  val_loss {record['val_loss']:.4f}  {extra}")
-                    if tps:
-                        t_mark, tokens_since = time.time(), 0
-                else:
-                    progress.update(step)
-                if step % cfg.save_every == 0 or last or stopping:
-                    ckpt.save(step, state, cfg)
-                if stopping and not last:
-                    interrupted = True
-                    why = (signal.Signals(stop.signum).name if stop.signum is not None
-                           else f"stop_after={cfg.stop_after}")
-                    ckpt.wait()
-                    say(f"stopping at step {step} ({why}); checkpoint saved in {ckpt.directory}; "
-                        f"rerun the same command to resume")
-                    break
-        except KeyboardInterrupt:  # a second Ctrl-C: leave without waiting for another save
-            interrupted = True
-            say(f"aborted at step {step}; the last completed checkpoint is kept")
+            return self._train()
         finally:
-            ckpt.close()
-            progress.close()
-    if not interrupted:
-        exported = ""
-        if task.export is not None and jax.process_count() == 1:
-            task.export(nnx.merge(graphdef, state)[0], str(out / "model"))
-            exported = f"; model in {out / 'model'} (use with --init-from)"
-        say(f"done: {step} steps in {time.time() - t_start:.1f}s; metrics in {metrics_path}{exported}")
-    return RunResult(step, interrupted, records, out, jit_train, stop.signum, state)
+            self.ckpt.close()  # finishes and seals the last save, also after an error
+            self.progress.close()
+
+    def _train(self) -> RunResult:
+        r, S, say = self.cfg.run, self.S, self.say
+        start, state = self.resume(S.state)
+        if start == 0:
+            say(f"{self.task.describe}; {S.n_params:,} parameters; mesh {dict(S.mesh.shape)}; "
+                f"{r.steps} steps × {r.batch_size} × {self.task.tokens_per_example} tokens")
+        interrupted, step, prev = False, start, None
+        self.progress.update(start)
+        with StopSignal() as stop:
+            try:
+                while step < r.steps:
+                    state, self.metrics = S.train_step(state, S.train_batch(step), S.alpha_arg(step))
+                    if prev is not None:
+                        jax.block_until_ready(prev)  # keep at most one step in flight
+                    prev = self.metrics
+                    step += 1
+                    self.window.append(self.metrics["loss"])
+                    if self.t_mark is None:  # the first step includes compilation: time from its end
+                        jax.block_until_ready(self.metrics)
+                        self.t_mark = time.time()
+                    else:
+                        self.tokens_since += r.batch_size * self.task.tokens_per_example
+                    if self.on_step is not None:
+                        self.on_step(step)
+                    last = step == r.steps
+                    stopping = stop.signum is not None or (r.stop_after is not None and step == r.stop_after)
+                    self.periodic_work(step, state, last=last, stopping=stopping)
+                    if stopping and not last:
+                        interrupted = True
+                        why = signal.Signals(stop.signum).name if stop.signum is not None else f"stop_after={r.stop_after}"
+                        self.ckpt.wait()
+                        say(f"stopping at step {step} ({why}); checkpoint saved in {self.ckpt.directory}; "
+                            f"rerun the same command to resume")
+                        break
+            except KeyboardInterrupt:  # a second Ctrl-C: leave without waiting for another save
+                interrupted = True
+                say(f"aborted at step {step}; the last completed checkpoint is kept")
+        self.ckpt.close()
+        self.progress.close()
+        if not interrupted:
+            exported = ""
+            if self.task.export is not None and jax.process_count() == 1:
+                self.task.export(nnx.merge(S.graphs.model, state["model"]), str(self.out / "model"))
+                exported = f"; model in {self.out / 'model'} (use with --init-from)"
+            say(f"done: {step} steps in {time.time() - self.t_start:.1f}s; metrics in {self.metrics_path}{exported}")
+        return RunResult(step, interrupted, self.records, self.out, S.train_step, stop.signum, state)
