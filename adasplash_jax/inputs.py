@@ -57,8 +57,9 @@ def check_alpha(alpha, name: str = "alpha"):
 
 
 def alpha_or_nan(alpha):
-    """A float32 α array with NaN wherever it lies outside [ALPHA_MIN, 2] (for traced α)."""
-    alpha = jnp.asarray(alpha, jnp.float32)
+    """A float32 (float64 if given so) α array with NaN wherever it lies outside [ALPHA_MIN, 2] (for traced α)."""
+    alpha = jnp.asarray(alpha)
+    alpha = alpha.astype(jnp.float64 if alpha.dtype == jnp.float64 else jnp.float32)
     return jnp.where((alpha >= _ALPHA_MIN_F32) & (alpha <= 2.0), alpha, jnp.nan)
 
 
@@ -103,6 +104,9 @@ class AttentionInputs:
     kv_lengths: jax.Array | None  # int32 [B]
     q_segment_ids: jax.Array | None  # int32 [B, T]
     kv_segment_ids: jax.Array | None  # int32 [B, S]
+    bias: jax.Array | None = None  # float [b, n, t, s], each dim 1 or the full size
+    window: tuple[int, int] | None = None  # (left, right) of a local window
+    alibi_slopes: jax.Array | None = None  # float32 [N]: bias −slope·|i − j| per query head
 
     @property
     def num_groups(self) -> int:
@@ -130,6 +134,9 @@ def check_attention_inputs(
     query_seq_lengths,
     key_value_seq_lengths,
     segment_ids,
+    bias=None,
+    local_window_size=None,
+    alibi_slopes=None,
 ) -> AttentionInputs:
     """Validates arguments; every error names the argument and what was expected."""
     query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
@@ -181,8 +188,8 @@ def check_attention_inputs(
 
     if scale is None:
         scale = 1.0 / math.sqrt(H)
-    elif not isinstance(scale, numbers.Real) or isinstance(scale, bool):
-        raise ValueError(f"`scale` must be a Python float or None, got {type(scale).__name__}")
+    elif isinstance(scale, bool) or not (isinstance(scale, numbers.Real) or _is_concrete_scalar(scale)):
+        raise ValueError(f"`scale` must be a float, a concrete scalar array or None, got {scale!r}")
     scale = float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"`scale` must be finite, got {scale}")
@@ -214,9 +221,46 @@ def check_attention_inputs(
                 )
             q_seg = kv_seg = _check_int_array(segment_ids, "segment_ids", (B, T), "segment ids [batch, length]")
 
+    if bias is not None:
+        bias = jnp.asarray(bias)
+        if not jnp.issubdtype(bias.dtype, jnp.floating):
+            raise ValueError(f"`bias` must be a floating array (added to the scores), got dtype {bias.dtype}")
+        check_mask_shape(bias.shape, (B, N, T, S), "bias", "[batch, heads, q_len, kv_len]")
+        bias = mask_to_rank(bias, 4, "bias")
+
+    window = _check_window(local_window_size)
+    if alibi_slopes is not None:
+        alibi_slopes = jnp.asarray(alibi_slopes)
+        if not jnp.issubdtype(alibi_slopes.dtype, jnp.floating) or alibi_slopes.shape != (N,):
+            raise ValueError(f"`alibi_slopes` must be a float array [num_heads] = ({N},), got "
+                             f"{alibi_slopes.dtype} {alibi_slopes.shape}")
+        alibi_slopes = alibi_slopes.astype(jnp.float32)
+
     return AttentionInputs(
-        query, key, value, alpha, mask, is_causal, scale, q_lengths, kv_lengths, q_seg, kv_seg
+        query, key, value, alpha, mask, is_causal, scale, q_lengths, kv_lengths, q_seg, kv_seg,
+        bias, window, alibi_slopes,
     )
+
+
+def _is_concrete_scalar(x) -> bool:
+    return (isinstance(x, (np.ndarray, np.generic, jax.Array)) and not isinstance(x, jax.core.Tracer)
+            and np.ndim(x) == 0 and np.issubdtype(np.asarray(x).dtype, np.number))
+
+
+def _check_window(local_window_size):
+    """None, or (left, right) non-negative ints, from an int (symmetric) or a pair, as jax takes it."""
+    if local_window_size is None:
+        return None
+    if isinstance(local_window_size, (int, np.integer)) and not isinstance(local_window_size, bool):
+        window = (int(local_window_size), int(local_window_size))
+    elif (isinstance(local_window_size, (tuple, list)) and len(local_window_size) == 2
+          and all(isinstance(w, (int, np.integer)) and not isinstance(w, bool) for w in local_window_size)):
+        window = (int(local_window_size[0]), int(local_window_size[1]))
+    else:
+        raise ValueError(f"`local_window_size` must be an int or a pair (left, right) of ints, got {local_window_size!r}")
+    if min(window) < 0:
+        raise ValueError(f"`local_window_size` must be non-negative, got {local_window_size!r}")
+    return window
 
 
 # ------------------------------------------------------------------- sparsity

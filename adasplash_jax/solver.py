@@ -103,8 +103,9 @@ def _power_sums(alpha_static: float | None, alpha, x, tau):
 
 
 def no_progress(tau, new_tau, newton):
-    """Rows with no float32 progress left: the step and f/f' both below τ's resolution."""
-    resolution = 2.0**-22 * (jnp.abs(tau) + 2.0**-22)
+    """Rows with no progress left at τ's precision: the step and f/f' both below its resolution."""
+    ulps = 2.0**-22 if tau.dtype != jnp.float64 else 2.0**-50
+    resolution = ulps * (jnp.abs(tau) + ulps)
     return (jnp.abs(new_tau - tau) <= resolution) & (jnp.abs(newton - tau) <= resolution)
 
 
@@ -173,7 +174,8 @@ def solver_step(alpha_static: float | None, alpha, tau, lo, hi, s0, s1, s2, *, u
     # resolution on the smooth part of f and needs no check pass. What the step cannot
     # see are entries between τ and the root (kinks): each adds up to δ^c0 to Σp, with
     # δ = |f / f'| ≤ |f| / c0, so callers measure Σp at a predicted τ again.
-    predicted = inside & (jnp.abs(f) <= _PREDICT) if alpha_static != 2.0 else jnp.zeros_like(inside)
+    bar = _PREDICT if f.dtype != jnp.float64 else 1e-9  # a Halley step from |f| ≤ bar lands below the dtype's resolution
+    predicted = inside & (jnp.abs(f) <= bar) if alpha_static != 2.0 else jnp.zeros_like(inside)
     return new_tau, lo, hi, f, newton, predicted | (inside & exact), support
 
 
@@ -316,7 +318,7 @@ def _threshold_iterative(x, alpha, alpha_static, n_iter, solver):
         def body(carry):
             i, (tau, lo, hi, support, mass, done) = carry
             new_tau, lo, hi, f, newton, predicted, support = propose(x, alpha, tau, lo, hi, support)
-            converged = jnp.abs(f) < TOL
+            converged = jnp.abs(f) < (TOL if x.dtype != jnp.float64 else 1e-13)
             stalled = no_progress(tau, new_tau, newton)
             # A converged or stalled row keeps the τ its mass f + 1 was measured at. A
             # predicted one moves on: its mass is 1 for a static α = 2, whose predictions

@@ -63,8 +63,9 @@ def test_losses_under_jit_with_constant_and_traced_labels():
     np.testing.assert_allclose(jax.jit(lambda x: sparsemax_loss(x, labels))(x), sparsemax_loss(x, labels), rtol=1e-6)
     with pytest.raises(ValueError, match="labels"):
         entmax_loss(x, jnp.array([0, 6, 2, 3]), 1.5)
+    bad = jnp.array([0, 6, 2, 3])  # closed over: concrete, so still checked under jit
     with pytest.raises(ValueError, match="labels"):
-        jax.jit(lambda x: entmax_loss(x, jnp.array([0, 6, 2, 3]), 1.5))(x)
+        jax.jit(lambda x: entmax_loss(x, bad, 1.5))(x)
 
 
 @pytest.mark.parametrize("impl", ["xla", "pallas"])

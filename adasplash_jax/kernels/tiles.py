@@ -8,7 +8,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from adasplash_jax.kernels.config import MASKED, KernelConfig
-from adasplash_jax.masking import keep_mask, reachable_kv_end
+from adasplash_jax.masking import keep_mask, reachable_kv_range
 from adasplash_jax.solver import powers
 
 
@@ -28,11 +28,15 @@ class RowContext:
         self.kv_len = kv_len
         self.q_segment = None if q_segment is None else q_segment[:, None]
 
-    def key_block_bound(self):
-        """Key blocks this query block can see at all: up to the causal diagonal and kv length."""
+    def key_block_range(self):
+        """(first, end) key blocks this query block can see at all: up to the causal diagonal and
+        the kv length, inside the local window."""
         cfg = self.cfg
-        kv_end = reachable_kv_end(self.q_start, cfg.block_q, self.kv_len, is_causal=cfg.causal)
-        return lax.div(kv_end + cfg.block_k - 1, cfg.block_k)
+        kv_start, kv_end = reachable_kv_range(self.q_start, cfg.block_q, self.kv_len, is_causal=cfg.causal,
+                                              window=cfg.window)
+        block_k = jnp.int32(cfg.block_k)  # lax.div wants equal dtypes (int64 Python ints under x64)
+        kv_start, kv_end = jnp.asarray(kv_start, jnp.int32), jnp.asarray(kv_end, jnp.int32)
+        return lax.div(kv_start, block_k), lax.div(kv_end + block_k - 1, block_k)
 
     def keep(self, kv_block, kv_segment_ref):
         cfg = self.cfg
@@ -49,6 +53,7 @@ class RowContext:
             kv_len=self.kv_len,
             q_segment=self.q_segment,
             kv_segment=kv_segment,
+            window=cfg.window,
         )
 
     def scores(self, q, k_ref, kv_block, kv_segment_ref):
