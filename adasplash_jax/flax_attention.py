@@ -34,6 +34,17 @@ def _flatten_batch(x, batch_shape):
     return x.reshape((-1,) + x.shape[len(batch_shape):])
 
 
+def _flatten_batch_of_mask(m, full, batch_shape, name: str):
+    """A mask or bias [..., heads, q_len, kv_len] → [batch, heads, q_len, kv_len] with Flax's batch dims
+    flattened. Only the batch dims are broadcast: head/query/key dims of size 1 stay 1, so a key-padding
+    mask [..., 1, 1, S] still reads as one (the Pallas path takes those)."""
+    check_mask_shape(m.shape, full, name, "[..., heads, q_len, kv_len]")
+    m = mask_to_rank(m, len(full), name)
+    if any(d != 1 for d in m.shape[: len(batch_shape)]):
+        m = jnp.broadcast_to(m, batch_shape + m.shape[len(batch_shape):])
+    return m.reshape((-1,) + m.shape[-3:])
+
+
 def flax_entmax_attention(
     query,
     key,
@@ -56,7 +67,8 @@ def flax_entmax_attention(
 
     Args:
       query, key, value: [..., length, heads, head_dim] (any number of batch dims).
-      bias: not supported (entmax has no additive-bias path); must be None.
+      bias: additive float bias broadcastable to [..., heads, q_len, kv_len] (dense path on a GPU
+        too: the kernels do not take a bias yet).
       mask: bool or float, broadcastable to [..., heads, q_len, kv_len]; non-zero keeps.
       dropout_rng, dropout_rate, broadcast_dropout, deterministic: dropout on the attention
         probabilities, as in Flax (dense path only).
@@ -68,8 +80,6 @@ def flax_entmax_attention(
       implementation: "xla", "pallas" or None, as in :func:`entmax_attention`.
     """
     del precision
-    if bias is not None:
-        raise ValueError("flax_entmax_attention: an additive `bias` is not supported by entmax attention")
     query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
     if query.ndim < 4:
         raise ValueError(
@@ -82,25 +92,21 @@ def flax_entmax_attention(
         )
     T, N = query.shape[-3], query.shape[-2]
     S = key.shape[-3]
+    full = batch_shape + (N, T, S)
     if mask is not None:
         mask = jnp.asarray(mask)
         if mask.dtype != jnp.bool_:
             mask = mask != 0  # Flax builds float masks (1 keeps, 0 drops)
-        full = batch_shape + (N, T, S)
-        check_mask_shape(mask.shape, full, "mask", "[..., heads, q_len, kv_len]")
-        # Broadcast the batch dims only: head/query/key dims of size 1 stay 1, so a key-padding
-        # mask [..., 1, 1, S] still reads as one (the Pallas path takes those).
-        mask = mask_to_rank(mask, len(full))
-        if any(d != 1 for d in mask.shape[: len(batch_shape)]):
-            mask = jnp.broadcast_to(mask, batch_shape + mask.shape[len(batch_shape):])
-        mask = mask.reshape((-1,) + mask.shape[-3:])
+        mask = _flatten_batch_of_mask(mask, full, batch_shape, "mask")
+    if bias is not None:
+        bias = _flatten_batch_of_mask(jnp.asarray(bias), full, batch_shape, "bias")
     q, k, v = (_flatten_batch(t, batch_shape) for t in (query, key, value))
     out_dtype = dtype or query.dtype
 
     use_dropout = dropout_rate > 0.0 and not deterministic
     if not use_dropout and module is None:
         out = entmax_attention(
-            q, k, v, alpha=alpha, mask=mask, is_causal=is_causal, implementation=implementation
+            q, k, v, bias, mask, alpha=alpha, is_causal=is_causal, implementation=implementation
         )
         return out.reshape(query.shape[:-1] + (value.shape[-1],)).astype(out_dtype)
 
@@ -122,7 +128,7 @@ def flax_entmax_attention(
 
     inp = check_attention_inputs(
         q, k, v, alpha=alpha, mask=mask, is_causal=is_causal, scale=None, query_seq_lengths=None,
-        key_value_seq_lengths=None, segment_ids=None,
+        key_value_seq_lengths=None, segment_ids=None, bias=bias,
     )
     out, probs = dense_attention(
         inp, return_probabilities=True, transform_probabilities=dropout if use_dropout else None

@@ -21,6 +21,7 @@ def keep_mask(
     kv_len=None,
     q_segment=None,
     kv_segment=None,
+    window: tuple[int, int] | None = None,
 ):
     """True where query ``q_pos`` may attend to key ``kv_pos``.
 
@@ -33,6 +34,8 @@ def keep_mask(
         queries at ``q_pos >= q_len`` and keys at ``kv_pos >= kv_len`` attend nowhere.
       q_segment, kv_segment: segment ids of the queries ([..., Tq, 1]) and keys
         ([..., 1, Tk]); only equal ids attend.
+      window: (left, right): query i attends to keys i − left … i + right only (as
+        ``jax.nn.dot_product_attention``'s ``local_window_size``).
     """
     keep = jnp.ones(jnp.broadcast_shapes(jnp.shape(q_pos), jnp.shape(kv_pos)), jnp.bool_)
     if is_causal:
@@ -43,26 +46,43 @@ def keep_mask(
         keep = keep & (kv_pos < kv_len)
     if q_segment is not None:
         keep = keep & (q_segment == kv_segment)
+    if window is not None:
+        left, right = window
+        keep = keep & (kv_pos >= q_pos - left) & (kv_pos <= q_pos + right)
     return keep
 
 
-def reachable_kv_end(q_start, block_q: int, kv_len, *, is_causal: bool):
-    """End (exclusive) of the keys that the query block [q_start, q_start + block_q) can reach.
+def reachable_kv_range(q_start, block_q: int, kv_len, *, is_causal: bool, window: tuple[int, int] | None = None):
+    """(start, end) of the keys that the query block [q_start, q_start + block_q) can reach.
 
     Causal masks are top-left aligned, so the block's last query sees keys up to its own
-    position; beyond ``kv_len`` every key is padding.
+    position; a local window (left, right) bounds both sides; beyond ``kv_len`` every key
+    is padding. ``start`` is 0 without a window.
     """
+    end = kv_len
     if is_causal:
-        return jnp.minimum(kv_len, q_start + block_q)
-    return kv_len
+        end = jnp.minimum(end, q_start + block_q)
+    start = 0
+    if window is not None:
+        left, right = window
+        end = jnp.minimum(end, q_start + block_q + right)
+        start = jnp.maximum(q_start - left, 0)
+    return start, end
 
 
-def reachable_tiles(num_q_blocks: int, num_kv_blocks: int, block_q: int, block_k: int, *, is_causal: bool):
-    """bool [nq, nk]: the tiles a dense kernel would compute (the causal triangle when causal)."""
+def reachable_kv_end(q_start, block_q: int, kv_len, *, is_causal: bool, window: tuple[int, int] | None = None):
+    """End (exclusive) of the keys the query block can reach (see ``reachable_kv_range``)."""
+    return reachable_kv_range(q_start, block_q, kv_len, is_causal=is_causal, window=window)[1]
+
+
+def reachable_tiles(num_q_blocks: int, num_kv_blocks: int, block_q: int, block_k: int, *, is_causal: bool,
+                    window: tuple[int, int] | None = None):
+    """bool [nq, nk]: the tiles a dense kernel would compute (the causal triangle when causal,
+    the band of a local window)."""
     q_start = jnp.arange(num_q_blocks)[:, None] * block_q
     kv_start = jnp.arange(num_kv_blocks)[None, :] * block_k
-    end = reachable_kv_end(q_start, block_q, num_kv_blocks * block_k, is_causal=is_causal)
-    return jnp.broadcast_to(kv_start < end, (num_q_blocks, num_kv_blocks))
+    start, end = reachable_kv_range(q_start, block_q, num_kv_blocks * block_k, is_causal=is_causal, window=window)
+    return jnp.broadcast_to((kv_start < end) & (kv_start + block_k > start), (num_q_blocks, num_kv_blocks))
 
 
 def dense_keep_mask(inp):
@@ -81,6 +101,7 @@ def dense_keep_mask(inp):
         kv_len=per_batch(inp.kv_lengths),
         q_segment=None if inp.q_segment_ids is None else inp.q_segment_ids[:, None, :, None],
         kv_segment=None if inp.kv_segment_ids is None else inp.kv_segment_ids[:, None, None, :],
+        window=inp.window,
     )
     if inp.mask is not None:
         keep = keep & inp.mask

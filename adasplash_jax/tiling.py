@@ -49,18 +49,18 @@ def block_mask_from_dense(nonzero, block_q: int, block_k: int):
     return padded.reshape(*lead, nq, block_q, nk, block_k).max((-3, -1))
 
 
-def tile_fractions(block_mask, *, block_q: int, block_k: int, is_causal: bool):
+def tile_fractions(block_mask, *, block_q: int, block_k: int, is_causal: bool, window=None):
     """Per-head active-tile fraction of a [B, N, nq, nk] 0/1 block mask, among reachable tiles."""
     nq, nk = block_mask.shape[-2:]
-    reachable = reachable_tiles(nq, nk, block_q, block_k, is_causal=is_causal)
+    reachable = reachable_tiles(nq, nk, block_q, block_k, is_causal=is_causal, window=window)
     active = jnp.where(reachable, block_mask > 0, False).astype(jnp.float32)
     return active.sum((0, 2, 3)) / (block_mask.shape[0] * jnp.sum(reachable))
 
 
 def sparsity_stats(block_mask, nonzero_per_row, allowed_per_row, *, block_q: int, block_k: int,
-                   is_causal: bool) -> SparsityStats:
+                   is_causal: bool, window=None) -> SparsityStats:
     """``SparsityStats`` from a [B, N, nq, nk] block mask and per-row [B, N, T] counts of
     non-zero probabilities and of allowed (unmasked) keys."""
-    tiles = tile_fractions(block_mask, block_q=block_q, block_k=block_k, is_causal=is_causal)
+    tiles = tile_fractions(block_mask, block_q=block_q, block_k=block_k, is_causal=is_causal, window=window)
     nonzero = nonzero_per_row.sum((0, 2)) / jnp.maximum(allowed_per_row.sum((0, 2)), 1.0)
     return SparsityStats(tiles, nonzero)

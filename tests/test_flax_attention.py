@@ -16,6 +16,7 @@ torch = pytest.importorskip("torch")
 from entmax import entmax15, sparsemax  # noqa: E402
 
 from adasplash_jax.flax_attention import flax_entmax_attention, make_flax_attention_fn  # noqa: E402
+from adasplash_jax import entmax_attention  # noqa: E402
 
 
 def _torch_probs(query, key, mask, is_causal, alpha):
@@ -101,7 +102,7 @@ def test_unsupported_requests_raise_clear_errors():
     with pytest.raises(ValueError, match="dropout_rng"):
         flax_entmax_attention(q, q, q, dropout_rate=0.1, deterministic=False)
     with pytest.raises(ValueError, match="bias"):
-        flax_entmax_attention(q, q, q, bias=jnp.zeros((1, 2, 4, 4)))
+        flax_entmax_attention(q, q, q, bias=jnp.zeros((3, 2, 4, 4)))
     with pytest.raises(ValueError, match="mask"):
         flax_entmax_attention(q, q, q, mask=jnp.ones((3, 1, 4, 4)))
 
@@ -124,3 +125,12 @@ def test_key_padding_mask_reaches_the_pallas_path():
     got = flax_entmax_attention(q, q, q, mask=mask, implementation="pallas")
     want = flax_entmax_attention(q, q, q, mask=mask, implementation="xla")
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_bias_is_added_to_the_scores():
+    q = jax.random.normal(jax.random.key(3), (2, 5, 2, 8))
+    bias = jax.random.normal(jax.random.key(4), (1, 2, 5, 5)) * 3
+    got = flax_entmax_attention(q, q, q, bias=bias, alpha=1.5)
+    want = entmax_attention(q, q, q, bias, alpha=1.5, implementation="xla")
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert not np.allclose(got, flax_entmax_attention(q, q, q, alpha=1.5), atol=1e-3)

@@ -138,7 +138,7 @@ def pallas_attention(
     out = out[:, : cfg.q_len, :, : cfg.head_dim]
     if return_stats:
         return out, sparsity_stats(stats["block_mask"], stats["nonzero"], stats["allowed"], block_q=cfg.block_q,
-                                   block_k=cfg.block_k, is_causal=cfg.causal)
+                                   block_k=cfg.block_k, is_causal=cfg.causal, window=cfg.window)
     return out
 
 

@@ -78,6 +78,7 @@ class KernelConfig:
     n_iter: int  # solver passes: exactly, or at most when adaptive
     adaptive: bool
     causal: bool
+    window: tuple[int, int] | None
     scale: float
     alpha_static: float | None
     has_segments: bool
@@ -153,27 +154,40 @@ def padding_mask_axis(mask):
     return None
 
 
+def unsupported_reason(inp: AttentionInputs) -> str | None:
+    """Why the kernels cannot take these inputs (the dense path can), or None."""
+    dtype, H = inp.query.dtype, inp.query.shape[3]
+    if dtype not in _SUPPORTED_DTYPES:
+        return f"`query` dtype {dtype} is not supported by the Pallas kernels; use float32, bfloat16 or float16"
+    if H > _MAX_HEAD_DIM:
+        return f"`query` head_dim {H} is not supported by the Pallas kernels (at most {_MAX_HEAD_DIM})"
+    if inp.mask is not None and padding_mask_axis(inp.mask) is None:
+        return (
+            f"`mask` of shape {inp.mask.shape} is not supported by implementation='pallas': it takes padding masks "
+            "over keys [batch, 1, 1, kv_len] or queries [batch, 1, q_len, 1] only; express other masks with "
+            "is_causal, query_seq_lengths, key_value_seq_lengths, local_window_size or segment_ids, or use "
+            "implementation='xla'"
+        )
+    if inp.bias is not None or inp.alibi_slopes is not None:
+        return "`bias` and `alibi_slopes` are not supported by implementation='pallas' yet; use implementation='xla'"
+    return None
+
+
 def make_config(inp: AttentionInputs, block_sizes: BlockSizes | None, interpret: bool | None, debug: bool = False):
     B, T, N, H = inp.query.shape
     S, K = inp.key.shape[1], inp.key.shape[2]
+    reason = unsupported_reason(inp)
+    if reason is not None:
+        raise ValueError(reason)
     dtype = inp.query.dtype
-    if dtype not in _SUPPORTED_DTYPES:
-        raise ValueError(f"`query` dtype {dtype} is not supported by the Pallas kernels; use float32, bfloat16 or float16")
-    if H > _MAX_HEAD_DIM:
-        raise ValueError(f"`query` head_dim {H} is not supported by the Pallas kernels (at most {_MAX_HEAD_DIM})")
-    if inp.mask is not None and padding_mask_axis(inp.mask) is None:
-        raise ValueError(
-            f"`mask` of shape {inp.mask.shape} is not supported by implementation='pallas': it takes padding masks "
-            "over keys [batch, 1, 1, kv_len] or queries [batch, 1, q_len, 1] only; express other masks with "
-            "is_causal, query_seq_lengths, key_value_seq_lengths or segment_ids, or use implementation='xla'"
-        )
     bs = block_sizes or BlockSizes.for_head_dim(H)
     alpha_static = inp.alpha if isinstance(inp.alpha, float) else None
     block_q, block_k = tile_shape(bs, T, S)
     return KernelConfig(
         q_len=T, kv_len=S, num_heads=N, num_kv_heads=K, head_dim=H,
         block_q=block_q, block_k=block_k, num_warps=bs.num_warps, num_stages=bs.num_stages,
-        n_iter=bs.solver_passes(), adaptive=bs.n_iter is None, causal=inp.is_causal, scale=inp.scale,
+        n_iter=bs.solver_passes(), adaptive=bs.n_iter is None, causal=inp.is_causal, window=inp.window,
+        scale=inp.scale,
         alpha_static=alpha_static,
         has_segments=inp.q_segment_ids is not None or inp.mask is not None, exact_dots=dtype == jnp.float32,
         interpret=_resolve_interpret(interpret), debug=debug,

@@ -31,7 +31,7 @@ def _threshold_kernel(
     q = q_ref[...]
     row = RowContext(cfg, q_block, q_len_ref[...], kv_len_ref[...],
                      load_segment(q_segment_ref, q_block * cfg.block_q, cfg.block_q))
-    num_blocks = row.key_block_bound()
+    first_block, num_blocks = row.key_block_range()
     x_scale = alpha - 1.0
 
     # Pass 1: row max m of the scores, the allowed count, and Σ(s − m) for the Jensen
@@ -46,7 +46,7 @@ def _threshold_kernel(
 
     zero = jnp.zeros((cfg.block_q,), jnp.float32)
     init = (jnp.full((cfg.block_q,), MASKED, jnp.float32), zero, zero)
-    row_max, row_sum, allowed = lax.fori_loop(0, num_blocks, max_pass, init)
+    row_max, row_sum, allowed = lax.fori_loop(first_block, num_blocks, max_pass, init)
     # τ is solved on x = (α−1)(s − m), whose max is 0, as on the dense path: (α−1)·s itself
     # loses every digit of z = x − τ once scores reach ~1e7. Rows with nothing to attend
     # to keep τ = 0, far above their masked x.
@@ -69,7 +69,7 @@ def _threshold_kernel(
             return acc[0] + jnp.sum(t0, 1), acc[1] + jnp.sum(t1, 1), acc[2] + jnp.sum(t2, 1)
 
         zero = jnp.zeros((cfg.block_q,), jnp.float32)
-        s0, s1, s2 = lax.fori_loop(0, num_blocks, sums, (zero, zero, zero))
+        s0, s1, s2 = lax.fori_loop(first_block, num_blocks, sums, (zero, zero, zero))
         new_tau, lo, hi, f, newton, predicted, _ = solver_step(cfg.alpha_static, alpha, tau, lo, hi, s0, s1, s2)
         new_tau = jnp.where(f == 0, tau, new_tau)
         # A row is done as in the dense solver: converged, no float32 progress left, or a
@@ -94,7 +94,7 @@ def _threshold_kernel(
 
     zero = jnp.zeros((cfg.block_q,), jnp.float32)
     norm, nonzero, bits = lax.fori_loop(
-        0, num_blocks, final_pass, (zero, zero, jnp.zeros((cfg.kv_blocks_padded,), jnp.int32))
+        first_block, num_blocks, final_pass, (zero, zero, jnp.zeros((cfg.kv_blocks_padded,), jnp.int32))
     )
     norm = jnp.where(bad, jnp.nan, norm)
     tau_ref[...] = tau
