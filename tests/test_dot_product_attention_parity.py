@@ -172,3 +172,23 @@ def test_bad_new_arguments_name_themselves(bad):
     name = next(iter(bad))
     with pytest.raises(ValueError, match=name):
         entmax_attention(q, k, v, **bad)
+
+
+def test_window_tiles_outside_the_band_are_never_visited():
+    from adasplash_jax import BlockSizes
+    from adasplash_jax.inputs import check_attention_inputs
+    from adasplash_jax.kernels.debug import tile_visits
+    from adasplash_jax.masking import reachable_tiles
+
+    L, block = 128, 16
+    q, k, v = qkv(T=L, S=L, N=2, K=2, seed=15)
+    inp = check_attention_inputs(q, k, v, alpha=1.5, mask=None, is_causal=False, scale=None, query_seq_lengths=None,
+                                 key_value_seq_lengths=None, segment_ids=None, local_window_size=(8, 8))
+    visits = tile_visits(inp, jnp.ones_like(q), block_sizes=BlockSizes(block, block, 4, 1))
+    band = np.asarray(reachable_tiles(L // block, L // block, block, block, is_causal=False, window=(8, 8)))
+    mask = np.asarray(visits["block_mask"])
+    assert band.sum() == 3 * (L // block) - 2  # the tridiagonal band: linear in L
+    assert not np.any(mask[..., ~band])  # no active tile outside the window
+    np.testing.assert_array_equal(visits["forward"], mask.sum(-1))  # and each kernel visits the active ones only
+    np.testing.assert_array_equal(visits["dq"], mask.sum(-1))
+    np.testing.assert_array_equal(visits["dkdv"], mask.sum(-2))
