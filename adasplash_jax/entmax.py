@@ -177,24 +177,35 @@ def _row_thresholds(x, alpha, alpha_static, solver, n_iter):
     return _row_wise(stats, x, alpha)
 
 
+def _row_sum(t):
+    return jnp.sum(t, axis=-1, keepdims=True)
+
+
+def _shifted_powers(x, alpha, alpha_static, solver, n_iter):
+    """The row statistics, x − m (clamped), z = (α−1)(x − m) − τ and (z^c0, z^c1), all
+    differentiable (τ through its jvp): what both tangent rules are written with."""
+    stats = _row_thresholds(x, alpha, alpha_static, solver, n_iter)
+    row_max, tau, _ = stats
+    shifted = jnp.maximum(x - row_max, _SHIFT_FLOOR)
+    z = jnp.maximum((alpha - 1.0) * shifted - tau, 0.0)
+    p0, p1, _ = powers(alpha_static, alpha, z)
+    return stats, shifted, z, p0, p1
+
+
 @_row_thresholds.defjvp
 def _row_thresholds_jvp(alpha_static, solver, n_iter, primals, tangents):
     x, alpha = primals
     dx, d_alpha = tangents
-    row_max, tau, scale = _row_thresholds(x, alpha, alpha_static, solver, n_iter)
-    shifted = jnp.maximum(x - row_max, _SHIFT_FLOOR)
-    z = jnp.maximum((alpha - 1.0) * shifted - tau, 0.0)
-    p0, p1, _ = powers(alpha_static, alpha, z)
-    row_sum = lambda t: jnp.sum(t, axis=-1, keepdims=True)  # noqa: E731
-    s1 = row_sum(p1)
+    (row_max, tau, scale), shifted, z, p0, p1 = _shifted_powers(x, alpha, alpha_static, solver, n_iter)
+    s1 = _row_sum(p1)
     w = p1 / jnp.where(s1 > 0, s1, 1.0)
     # c0·Σ z^c1·((α−1)dx + (x − m)dα − dτ) + Σ z^c0·log z·dc0 = 0, with dc0 = −dα/(α−1)².
-    d_tau = (alpha - 1.0) * row_sum(w * dx)
+    d_tau = (alpha - 1.0) * _row_sum(w * dx)
     if alpha_static is None:
         on = z > 0
         z_log_z = jnp.where(on, p0 * jnp.log(jnp.where(on, z, 1.0)), 0.0)
-        d_tau = d_tau + d_alpha * (row_sum(w * jnp.where(on, shifted, 0.0))
-                                   - row_sum(z_log_z) / ((alpha - 1.0) * jnp.where(s1 > 0, s1, 1.0)))
+        d_tau = d_tau + d_alpha * (_row_sum(w * jnp.where(on, shifted, 0.0))
+                                   - _row_sum(z_log_z) / ((alpha - 1.0) * jnp.where(s1 > 0, s1, 1.0)))
     return (row_max, tau, scale), (jnp.zeros_like(row_max), d_tau, jnp.zeros_like(scale))
 
 
@@ -215,20 +226,16 @@ def _entmax_last_jvp(alpha_static, solver, n_iter, primals, tangents):
     """
     x, alpha = primals
     dx, d_alpha = tangents
-    row_max, tau, scale = _row_thresholds(x, alpha, alpha_static, solver, n_iter)
-    shifted = jnp.maximum(x - row_max, _SHIFT_FLOOR)
-    z = jnp.maximum((alpha - 1.0) * shifted - tau, 0.0)
-    p0, p1, _ = powers(alpha_static, alpha, z)
+    (_, _, scale), shifted, z, p0, p1 = _shifted_powers(x, alpha, alpha_static, solver, n_iter)
     p = p0 * scale
     if alpha_static == 2.0:
         u = p1
     else:  # p^(2−α) = z^c1 · scale^(2−α); bad rows (scale NaN) stay NaN
         safe_scale = jnp.where(scale > 0, scale, 1.0)
         u = p1 * jnp.where(scale > 0, jnp.exp((2.0 - alpha) * jnp.log(safe_scale)), scale)
-    row_sum = lambda t: jnp.sum(t, axis=-1, keepdims=True)  # noqa: E731
-    u_sum = row_sum(u)
+    u_sum = _row_sum(u)
     u_sum_safe = jnp.where(u_sum > 0, u_sum, 1.0)
-    dp = u * (dx - row_sum(u * dx) / u_sum_safe)
+    dp = u * (dx - _row_sum(u * dx) / u_sum_safe)
     if alpha_static is not None:
         return p, dp
     # p_j(α) = z_j^c0, c0 = 1/(α−1): dp_j/dα = c0·(u_j(s_j − τ') − p_j log p_j) with
@@ -236,7 +243,7 @@ def _entmax_last_jvp(alpha_static, solver, n_iter, primals, tangents):
     on = p > 0
     s = jnp.where(on, shifted, 0.0)
     p_log_p = jnp.where(on, p * jnp.log(jnp.where(on, p, 1.0)), 0.0)
-    tau_prime = (row_sum(u * s) - row_sum(p_log_p)) / u_sum_safe
+    tau_prime = (_row_sum(u * s) - _row_sum(p_log_p)) / u_sum_safe
     dp = dp + d_alpha * (u * (s - tau_prime) - p_log_p) / (alpha - 1.0)
     return p, dp
 

@@ -27,10 +27,7 @@ import optax
 
 from adasplash_jax.entmax import check_alpha
 
-try:  # the models package re-exports its attention kinds (issue 12); older trees have them in models.attention
-    from models import ATTENTION_KINDS
-except ImportError:
-    from models.attention import ATTENTION_KINDS
+from models import ATTENTION_KINDS
 
 
 class ConfigError(ValueError):

@@ -17,23 +17,6 @@ from train.config import ConfigError, TrainConfig, init_distributed, validate, v
 from train.data import BERT_SPECIALS, ClassifyBatches, LMBatches, MLMBatches, load_corpus
 from train.trainer import Diverged, Task
 
-# Fallback while models/ still has its older test-sized presets (issue 12 part 2 moves these values into the
-# models' preset table as `tiny` and `small`): when the models' preset differs, these values are applied on top
-# of it. Once models/ carries them this table changes nothing and goes.
-_PENDING_PRESETS = {
-    "GPT2Config": {
-        "tiny": dict(n_positions=256, n_embd=64, n_layer=2, n_head=4),
-        "small": dict(n_positions=512, n_embd=256, n_layer=4, n_head=8),
-    },
-    "BertConfig": {
-        "tiny": dict(max_position_embeddings=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=256),
-        "small": dict(max_position_embeddings=512, hidden_size=256, num_hidden_layers=4, num_attention_heads=8,
-                      intermediate_size=1024),
-    },
-}
-
-
 def _common_overrides(cfg: TrainConfig) -> dict:
     m = cfg.model
     o = dict(attention=m.attention, alpha=m.target_alpha, dtype=jnp.dtype(m.dtype), param_dtype=jnp.float32)
@@ -44,15 +27,8 @@ def _common_overrides(cfg: TrainConfig) -> dict:
 
 def _preset(cls, name: str, **overrides):
     """`cls.preset(name, **overrides)`; an unknown name is a ConfigError naming `preset`."""
-    pending = _PENDING_PRESETS.get(cls.__name__, {}).get(name)
     try:
-        if pending is None:
-            return cls.preset(name, **overrides)
-        try:
-            base = cls.preset(name)
-        except ValueError:  # the models' table lacks this preset yet
-            base = cls.preset("tiny")
-        return dataclasses.replace(base, **{**pending, **overrides})
+        return cls.preset(name, **overrides)
     except ValueError as e:
         if "preset" in str(e):
             raise ConfigError("preset", str(e)) from None
