@@ -73,7 +73,10 @@ def main():
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--input-scales", type=float, nargs="+", default=[1.0, 4.0],
                         help="multipliers of q and k: larger = more peaked scores = sparser attention")
+    parser.add_argument("--causal", choices=["both", "yes", "no"], default="both")
+    parser.add_argument("--skip", nargs="*", default=[], help="implementations to leave out, e.g. entmax_dense")
     args = parser.parse_args()
+    causal_modes = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
     on_gpu = jax.default_backend() == "gpu"
     dtype = jnp.bfloat16
     print(f"device={jax.devices()[0].device_kind}  batch={args.batch} heads={args.heads} "
@@ -84,7 +87,7 @@ def main():
     print(header)
     print("-" * len(header))
     for L in args.lengths:
-        for causal in (False, True):
+        for causal in causal_modes:
             for x_scale in args.input_scales:
                 keys = jax.random.split(jax.random.key(L), 3)
                 shape = (args.batch, L, args.heads, args.head_dim)
@@ -96,6 +99,8 @@ def main():
                 skipped = 1.0 - float(jnp.mean(stats.active_tile_fraction))
                 results = {}
                 for name, fn in implementations(causal, args.alpha, on_gpu).items():
+                    if name in args.skip:
+                        continue
                     try:
                         fwd = median_ms(jax.jit(fn), q, k, v, reps=args.reps)
                         fwdbwd = median_ms(forward_backward(fn), q, k, v, reps=args.reps)
