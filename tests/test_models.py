@@ -112,7 +112,7 @@ def test_one_kind_list_and_one_alpha_check_from_the_package():
                 with pytest.raises(ValueError, match="alpha"):
                     check_alpha_config(config, 2, 2)
         else:
-            assert check_alpha_config((1.5, (1.5, value)), 2, 2) == (1.5, (1.5, float(value)))
+            assert check_alpha_config((1.5, (1.5, value)), 2, 2) == (1.5, (1.5, check_alpha(value)))  # the value used
 
 
 def test_no_module_is_named_like_a_standard_library_module():
