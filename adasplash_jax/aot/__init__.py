@@ -20,6 +20,10 @@ PJRT pinned to the jax release, so to jaxlib), ``nvidia-cuda-nvcc>=13`` (ptxas; 
 PTX 9.0 XLA's Triton emits), ``nvidia-cuda-nvdisasm`` and ``nvidia-cuda-cuobjdump``. Missing
 tools raise :class:`AotToolsMissing`, whose message names the extra.
 
+Compile results are cached by kernel (Triton IR and launch parameters), target and tool versions
+in ``~/.cache/adasplash_jax/aot`` (``ADASPLASH_AOT_CACHE``: another folder, or 0 for none), so a
+rerun after changing one kernel recompiles only that kernel; lowering always runs.
+
 The plugin is only ever initialised in worker processes started with ``JAX_PLATFORMS=cpu`` (so it
 registers its Triton compiler without looking for a GPU, cuDNN or a driver); the calling process
 keeps whatever backend it has.

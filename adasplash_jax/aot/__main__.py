@@ -3,7 +3,7 @@
 Examples:
   python -m adasplash_jax.aot                               # d = 64, 128; bf16; causal; α = 1.5; sm_80, sm_90
   python -m adasplash_jax.aot --head-dims 32,64,128,256 --alphas 1.5,2,1.8,head,learned --full
-  python -m adasplash_jax.aot --matrix --no-sass            # everything CI compiles
+  python -m adasplash_jax.aot --matrix --no-sass            # everything CI compiles (--matrix full: more)
 """
 
 from __future__ import annotations
@@ -33,14 +33,15 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int, default=4096)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--kv-heads", type=int, default=None)
-    ap.add_argument("--matrix", action="store_true", help="the variants tests/test_aot.py compiles")
+    ap.add_argument("--matrix", nargs="?", const="ci", choices=("ci", "full"),
+                    help="the variants tests/test_aot.py compiles ('full': every fp16 combination too)")
     ap.add_argument("--no-sass", action="store_true", help="skip nvdisasm (no loop counts)")
     ap.add_argument("--jobs", type=int, default=None)
     ap.add_argument("--json", help="also write the records to this file")
     args = ap.parse_args(argv)
 
     if args.matrix:
-        variants = matrix()
+        variants = matrix(full=args.matrix == "full")
     else:
         variants = [
             Variant(head_dim=int(d), dtype=dt, causal=c, alpha=_alpha(a), seq_len=args.seq_len,

@@ -263,6 +263,36 @@ def compile_kernel(call: dict, target, tools, sass: bool, workdir: str) -> dict:
     return res
 
 
+def _cache_path(call, target, tools, sass):
+    """Where a compile result is kept: keyed by the kernel (IR and launch parameters), the target and
+    the tool versions. ADASPLASH_AOT_CACHE: a folder, or 0 for no cache (default ~/.cache/adasplash_jax/aot)."""
+    root = os.environ.get("ADASPLASH_AOT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "adasplash_jax", "aot"))
+    if root in ("", "0"):
+        return None
+    ident = repr((call["key"], target.name, target.arch, tools.jaxlib_version, tools.plugin_version,
+                  tools.ptxas_version, bool(sass), 1))
+    return os.path.join(root, hashlib.sha256(ident.encode()).hexdigest()[:32] + ".pkl")
+
+
+def _compile_cached(call, target, tools, sass, workdir):
+    path = _cache_path(call, target, tools, sass)
+    if path and os.path.exists(path):
+        try:
+            with open(path, "rb") as f:
+                res = pickle.load(f)
+            return dict(res, seconds={}, cached=True)
+        except Exception:  # noqa: BLE001 - a damaged entry is recompiled
+            pass
+    res = compile_kernel(call, target, tools, sass, workdir)
+    if path and res["error"] is None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            pickle.dump(res, f)
+        os.replace(tmp, path)
+    return res
+
+
 def run(request: dict) -> dict:
     """Lower every variant, then compile each distinct kernel once per target."""
     import jax
@@ -296,7 +326,7 @@ def run(request: dict) -> dict:
                         continue
                     k = (call["key"], target.name)
                     if k not in compiled:
-                        compiled[k] = compile_kernel(call, target, tools, wants_sass(v), workdir)
+                        compiled[k] = _compile_cached(call, target, tools, wants_sass(v), workdir)
         for cs in calls.values():  # the bytecode is not needed past this point
             for call in cs:
                 call.pop("ir", None)

@@ -37,7 +37,7 @@ def attention_program(seq_len=1024, heads=4, head_dim=64, dtype="bfloat16"):
     return jax.value_and_grad(loss, argnums=(0, 1, 2)), (s, s, s)
 
 
-def gpt2_train_step_program(batch=2, seq_len=256, n_embd=128, n_head=2, n_layer=2):
+def gpt2_train_step_program(batch=2, seq_len=256, n_embd=128, n_head=2, n_layer=1):
     """(fn, structs): one AdamW step of a small GPT-2 with AdaSplash attention (learned α per head)."""
     import jax
     import jax.numpy as jnp
