@@ -13,6 +13,7 @@ one fails here until its entry is removed.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 
@@ -261,6 +262,27 @@ def test_deviceless_whole_programs():
         assert r["device_kind"] == aot.get_target(r["target"]).device_kind
         assert {"entmax_threshold", "entmax_attention_forward", "entmax_attention_dkdv",
                 "entmax_attention_dq"} <= set(r["triton_kernels"]), r
+
+
+def test_decode_compiled_kernel_call():
+    """The reader for the compile-while-lowering custom call (jax ≥ 0.11 may take that path) against
+    jaxlib's own encoder of it."""
+    _need_tools()
+    code = (
+        "import jax; jax.devices()\n"
+        "from jax._src.lib import gpu_triton as g\n"
+        "from adasplash_jax.aot.capture import decode_kernel_call\n"
+        "k = g.TritonKernel('kern', 8, 1, 4321, '.version 9.0\\n.target sm_90a\\n', 'ttir', 90)\n"
+        "c = g.TritonKernelCall(k, 2, 3, 4, [g.create_array_parameter(0, 16)] * 3)\n"
+        "print(repr(decode_kernel_call(c.to_proto('kern', b'meta'))))\n"
+    )
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = eval(p.stdout.strip().splitlines()[-1])
+    assert got == dict(num_warps=8, num_stages=None, smem_bytes=4321, ptx=".version 9.0\n.target sm_90a\n",
+                       compute_capability=90, grid=(2, 3, 4))
 
 
 # --------------------------------------------------------------------------- parsers (no tools needed)

@@ -133,7 +133,8 @@ def triton_calls(mlir_text: str) -> list[dict]:
     return out
 
 
-# A minimal protobuf reader for jaxlib's TritonKernelCall (jaxlib/gpu/triton.proto):
+# A minimal protobuf reader for what the FFI call's opaque holds (jaxlib/gpu/triton.proto):
+#   TritonAnyKernelCall { TritonKernelCall kernel_call = 1; ...; bytes metadata = 3; string name = 4 }
 #   TritonKernelCall { TritonKernel kernel = 1; uint32 grid_0 = 2; grid_1 = 3; grid_2 = 4; ... }
 #   TritonKernel { string kernel_name = 1; uint32 num_warps = 2; uint32 shared_mem_bytes = 3;
 #                  string ptx = 4; string ttir = 5; uint32 compute_capability = 6; ... }
@@ -172,7 +173,8 @@ def _fields(buf: bytes) -> dict:
 
 
 def decode_kernel_call(proto: bytes) -> dict:
-    call = _fields(proto)
+    """A serialised TritonAnyKernelCall (as ``TritonKernelCall.to_proto`` writes it) → launch and PTX."""
+    call = _fields(_fields(proto)[1])
     kernel = _fields(call[1])
     return dict(
         num_warps=kernel.get(2, 4),
