@@ -174,7 +174,7 @@ def _report(request, recs, seconds):
     lines.append(f"bf16/fp16 kernels that spill ({len(spilling)}): " + ", ".join(spilling))
     fp32 = [r for r in recs if r.variant.dtype == "float32"]
     lines.append(f"fp32 (reported): {sum(r.spills for r in fp32)} of {len(fp32)} kernels spill, up to "
-                 f"{max((r.spill_store_bytes or 0) for r in fp32)} B per thread")
+                 f"{max([r.spill_store_bytes or 0 for r in fp32], default=0)} B per thread")
     text = "\n".join(lines)
     path = os.environ.get("ADASPLASH_AOT_REPORT")
     if path:
