@@ -1,0 +1,349 @@
+"""Lowering the kernels for CUDA and compiling each one: the part that needs the CUDA plugin.
+
+It runs in worker processes started with ``JAX_PLATFORMS=cpu`` (see ``adasplash_jax.aot``), where
+XLA's CUDA plugin registers its Triton compiler without looking for a GPU, cuDNN or a driver.
+
+The kernels are driven only through the public API: ``entmax_attention(..., implementation="pallas",
+interpret=False)`` and ``jax.grad`` of it, exported for ``cuda`` with ``jax.export``; every Pallas
+Triton kernel is a custom call in the exported StableHLO, named after its ``pallas_call``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+import zlib
+
+TRITON_CALL = "__gpu$xla.gpu.triton"  # jaxlib ≤ 0.10.2 and (as of 0.11.0) later: Triton IR bytecode in backend_config
+FFI_CALL = "triton_kernel_call_ffi"  # Pallas's compile-while-lowering path: PTX inside a zlib'd proto
+
+
+def jaxlib_version() -> tuple:
+    import jaxlib
+
+    return tuple(int(x) for x in jaxlib.__version__.split(".")[:3] if x.isdigit())
+
+
+def lowering_needs_target() -> bool:
+    """After 0.10.2 Pallas Triton reads the target GPU at lowering time (``gpu_info``): without a GPU
+    it must come from an abstract device, and each target gets its own lowering."""
+    return jaxlib_version() > (0, 10, 2)
+
+
+@contextlib.contextmanager
+def _target_device(target):
+    """An abstract CUDA device of the target's kind (0.11+: Pallas Triton lowers for it; 0.10.2 ignores it)."""
+    import jax
+    from jax._src import mesh as mesh_lib
+
+    device = mesh_lib.AbstractDevice(device_kind=target.device_kind, num_cores=None, platform="cuda")
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=device)):
+        yield
+
+
+# ------------------------------------------------------------------------------------------ lowering
+
+
+def _program(variant, program: str):
+    """(function, argument structs) of one program of a variant."""
+    import jax
+    import jax.numpy as jnp
+
+    import adasplash_jax
+
+    v = variant
+    dt = jnp.dtype(v.dtype)
+    q = jax.ShapeDtypeStruct((v.batch, v.seq_len, v.num_heads, v.head_dim), dt)
+    kv = jax.ShapeDtypeStruct((v.batch, v.seq_len, v.kv_heads, v.head_dim), dt)
+    structs = [q, kv, kv]
+    traced_alpha = isinstance(v.alpha, str)
+    if traced_alpha:
+        structs.append(jax.ShapeDtypeStruct((v.num_heads,), jnp.float32))
+    kwargs = dict(is_causal=v.causal, implementation="pallas", interpret=False, block_sizes=v.block_sizes)
+
+    def attend(q, k, val, *alpha):
+        a = alpha[0] if traced_alpha else float(v.alpha)
+        return adasplash_jax.entmax_attention(q, k, val, alpha=a, **kwargs)
+
+    if program == "inference":
+        return attend, structs
+
+    def loss(*args):
+        return attend(*args).astype(jnp.float32).sum()
+
+    argnums = (0, 1, 2, 3) if v.alpha == "learned" else (0, 1, 2)
+    return jax.grad(loss, argnums=argnums), structs
+
+
+def export_for_cuda(fn, structs):
+    import jax
+
+    return jax.export.export(
+        jax.jit(fn),
+        platforms=["cuda"],
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)],
+    )(*structs)
+
+
+def _walk(op):
+    for region in op.regions:
+        for block in region.blocks:
+            for child in block.operations:
+                yield child.operation
+                yield from _walk(child.operation)
+
+
+def triton_calls(mlir_text: str) -> list[dict]:
+    """Every Pallas Triton kernel in an exported module, in program order:
+    dicts with name, num_warps, num_stages, grid, results and either ``ir`` (Triton bytecode) or
+    ``ptx`` + ``smem_bytes`` (already compiled while lowering)."""
+    from jax._src.interpreters import mlir as jmlir
+    from jax._src.lib.mlir import ir
+
+    out = []
+    with jmlir.make_ir_context():
+        module = ir.Module.parse(mlir_text)
+        for op in _walk(module.operation):
+            if op.name != "stablehlo.custom_call":
+                continue
+            target = ir.StringAttr(op.attributes["call_target_name"]).value
+            if target not in (TRITON_CALL, FFI_CALL):
+                continue
+            cfg = ir.DictAttr(op.attributes["mhlo.backend_config"])
+            if target == TRITON_CALL:
+                out.append(dict(
+                    name=ir.StringAttr(cfg["name"]).value,
+                    ir=bytes(ir.StringAttr(cfg["ir"]).value_bytes),
+                    num_warps=ir.IntegerAttr(cfg["num_warps"]).value,
+                    num_stages=ir.IntegerAttr(cfg["num_stages"]).value,
+                    grid=tuple(ir.IntegerAttr(cfg[g]).value for g in ("grid_x", "grid_y", "grid_z")),
+                    results=len(op.results),
+                ))
+            else:  # untested here (no jaxlib that takes this path was installable on this machine)
+                call = decode_kernel_call(zlib.decompress(bytes(ir.StringAttr(cfg["opaque"]).value_bytes)))
+                out.append(dict(name=ir.StringAttr(cfg["name"]).value, results=len(op.results), **call))
+    return out
+
+
+# A minimal protobuf reader for what the FFI call's opaque holds (jaxlib/gpu/triton.proto):
+#   TritonAnyKernelCall { TritonKernelCall kernel_call = 1; ...; bytes metadata = 3; string name = 4 }
+#   TritonKernelCall { TritonKernel kernel = 1; uint32 grid_0 = 2; grid_1 = 3; grid_2 = 4; ... }
+#   TritonKernel { string kernel_name = 1; uint32 num_warps = 2; uint32 shared_mem_bytes = 3;
+#                  string ptx = 4; string ttir = 5; uint32 compute_capability = 6; ... }
+
+
+def _fields(buf: bytes) -> dict:
+    fields, i = {}, 0
+
+    def varint():
+        nonlocal i
+        shift = value = 0
+        while True:
+            b = buf[i]
+            i += 1
+            value |= (b & 0x7F) << shift
+            shift += 7
+            if not b & 0x80:
+                return value
+
+    while i < len(buf):
+        key = varint()
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value = varint()
+        elif wire == 2:
+            n = varint()
+            value, i = buf[i:i + n], i + n
+        elif wire == 1:
+            value, i = buf[i:i + 8], i + 8
+        elif wire == 5:
+            value, i = buf[i:i + 4], i + 4
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        fields.setdefault(number, value)
+    return fields
+
+
+def decode_kernel_call(proto: bytes) -> dict:
+    """A serialised TritonAnyKernelCall (as ``TritonKernelCall.to_proto`` writes it) → launch and PTX."""
+    call = _fields(_fields(proto)[1])
+    kernel = _fields(call[1])
+    return dict(
+        num_warps=kernel.get(2, 4),
+        num_stages=None,
+        smem_bytes=kernel.get(3, 0),
+        ptx=kernel.get(4, b"").decode(),
+        compute_capability=kernel.get(6, 0),
+        grid=tuple(call.get(n, 1) for n in (2, 3, 4)),
+    )
+
+
+def lower_variant(variant, targets) -> list[dict]:
+    """The kernel calls of every program of a variant. Each gets ``program``, ``target`` (None when
+    one lowering serves every target, as on jaxlib 0.10.2) and ``key`` (identical kernels share it)."""
+    per_target = lowering_needs_target()
+    out = []
+    for program in variant.programs:
+        fn, structs = _program(variant, program)
+        for target in (targets if per_target else [None]):
+            ctx = _target_device(target) if target is not None else contextlib.nullcontext()
+            with ctx, warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # 0.11+ warns that Pallas Triton is deprecated
+                exported = export_for_cuda(fn, structs)
+            seen = {}
+            for call in triton_calls(exported.mlir_module()):
+                payload = call.get("ir") or call["ptx"].encode()
+                h = hashlib.sha256(payload + repr((call["num_warps"], call["num_stages"])).encode())
+                call.update(program=program, target=None if target is None else target.name, key=h.hexdigest()[:16])
+                # A program may call one pallas_call twice; number the repeats.
+                n = seen.get(call["name"], 0)
+                seen[call["name"]] = n + 1
+                if n:
+                    call["name"] = f"{call['name']}#{n + 1}"
+                out.append(call)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ compiling
+
+
+def compile_kernel(call: dict, target, tools, sass: bool, workdir: str) -> dict:
+    """Triton (XLA's bundled one) → PTX → ptxas -v → cubin [→ nvdisasm]; a dict of what was found."""
+    from adasplash_jax.aot import sass as sass_lib
+
+    res = dict(error=None, seconds={})
+    t0 = time.perf_counter()
+    try:
+        if "ir" in call:
+            from jax._src.lib import triton as xla_triton
+
+            compiled = xla_triton.compile(
+                "cuda", call["ir"], target.arch, num_warps=call["num_warps"], num_ctas=1,
+                num_stages=call["num_stages"],
+            )
+            ptx, smem = compiled.asm, compiled.smem_bytes
+        else:
+            ptx, smem = call["ptx"], call["smem_bytes"]
+    except Exception as e:  # noqa: BLE001 - a kernel Triton cannot compile is a result, not a crash
+        res["error"] = f"triton: {type(e).__name__}: {e}"
+        return res
+    res["seconds"]["triton"] = time.perf_counter() - t0
+    res["smem_bytes"] = int(smem)
+    target_line = next((ln.split()[1] for ln in ptx.splitlines() if ln.startswith(".target")), None)
+    gpu_name = target_line or f"sm_{target.compute_capability}"
+    res["gpu_name"] = gpu_name
+    stem = os.path.join(workdir, f"{call['key']}_{target.name}")
+    with open(stem + ".ptx", "w") as f:
+        f.write(ptx)
+    t0 = time.perf_counter()
+    p = subprocess.run([tools.ptxas, "-v", f"--gpu-name={gpu_name}", stem + ".ptx", "-o", stem + ".cubin"],
+                       capture_output=True, text=True, check=False)
+    res["seconds"]["ptxas"] = time.perf_counter() - t0
+    if p.returncode != 0:
+        res["error"] = f"ptxas exited {p.returncode}: {(p.stderr or p.stdout)[-2000:]}"
+        return res
+    res["ptxas"] = sass_lib.parse_ptxas(p.stdout + p.stderr)
+    if sass:
+        t0 = time.perf_counter()
+        d = subprocess.run([tools.nvdisasm, "-c", stem + ".cubin"], capture_output=True, text=True, check=False)
+        res["seconds"]["nvdisasm"] = time.perf_counter() - t0
+        if d.returncode != 0:
+            res["error"] = f"nvdisasm exited {d.returncode}: {d.stderr[-2000:]}"
+            return res
+        instrs = sass_lib.parse_sass(d.stdout)
+        res["sass_instructions"] = len(instrs)
+        res["sass_mma"] = sum(1 for i in instrs if i.base.endswith("MMA"))
+        res["loops"] = sass_lib.innermost_loops(d.stdout)
+    return res
+
+
+def _cache_path(call, target, tools, sass):
+    """Where a compile result is kept: keyed by the kernel (IR and launch parameters), the target and
+    the tool versions. ADASPLASH_AOT_CACHE: a folder, or 0 for no cache (default ~/.cache/adasplash_jax/aot)."""
+    root = os.environ.get("ADASPLASH_AOT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "adasplash_jax", "aot"))
+    if root in ("", "0"):
+        return None
+    ident = repr((call["key"], target.name, target.arch, tools.jaxlib_version, tools.plugin_version,
+                  tools.ptxas_version, bool(sass), 1))
+    return os.path.join(root, hashlib.sha256(ident.encode()).hexdigest()[:32] + ".pkl")
+
+
+def _compile_cached(call, target, tools, sass, workdir):
+    path = _cache_path(call, target, tools, sass)
+    if path and os.path.exists(path):
+        try:
+            with open(path, "rb") as f:
+                res = pickle.load(f)
+            return dict(res, seconds={}, cached=True)
+        except Exception:  # noqa: BLE001 - a damaged entry is recompiled
+            pass
+    res = compile_kernel(call, target, tools, sass, workdir)
+    if path and res["error"] is None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            pickle.dump(res, f)
+        os.replace(tmp, path)
+    return res
+
+
+def run(request: dict) -> dict:
+    """Lower every variant, then compile each distinct kernel once per target."""
+    import jax
+    from jax._src.lib import triton as xla_triton
+
+    jax.devices()  # backends (and so plugins) initialise lazily; the CUDA plugin registers Triton then
+    if not xla_triton.has_compilation_handler("CUDA"):
+        raise RuntimeError(
+            "XLA's Triton compiler for CUDA is not registered: the jax-cuda13-plugin did not initialise "
+            "(it must match jaxlib exactly, and this process needs JAX_PLATFORMS=cpu on a machine without a GPU)"
+        )
+    targets, tools, sass = request["targets"], request["tools"], request["sass"]
+
+    def wants_sass(v):
+        return sass if isinstance(sass, bool) else v.name in sass
+
+    calls, errors, compiled = {}, {}, {}
+    with tempfile.TemporaryDirectory(prefix="adasplash_aot_") as workdir:
+        for v in sorted(request["variants"], key=lambda v: not wants_sass(v)):  # disassembled ones first
+            t0 = time.perf_counter()
+            try:
+                calls[v.name] = lower_variant(v, targets)
+            except Exception:  # noqa: BLE001
+                errors[v.name] = traceback.format_exc(limit=8)
+                continue
+            lower_s = time.perf_counter() - t0
+            for call in calls[v.name]:
+                call["lower_seconds"] = lower_s
+                for target in targets:
+                    if call["target"] not in (None, target.name):
+                        continue
+                    k = (call["key"], target.name)
+                    if k not in compiled:
+                        compiled[k] = _compile_cached(call, target, tools, wants_sass(v), workdir)
+        for cs in calls.values():  # the bytecode is not needed past this point
+            for call in cs:
+                call.pop("ir", None)
+                call.pop("ptx", None)
+    return dict(calls=calls, errors=errors, compiled=compiled)
+
+
+def main(argv):
+    request_path, response_path = argv
+    with open(request_path, "rb") as f:
+        request = pickle.load(f)
+    out = run(request)
+    with open(response_path, "wb") as f:
+        pickle.dump(out, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,342 @@
+"""Every Pallas kernel compiled ahead of time for sm_80 (A100) and sm_90 (H100), on the CPU.
+
+Needs the `aot` extra (XLA's CUDA plugin at the jaxlib version, ptxas ≥ 13, nvdisasm), which
+`pip install -e ".[test]"` pulls in on Linux with Python < 3.12; elsewhere the tests skip, saying so.
+In CI (CI set, Python < 3.12) a missing extra fails instead. Select with `pytest -m aot`.
+
+All kernels must compile within the target's shared memory; bf16 and fp16 kernels must not spill
+registers (fp32 kernels use exact dots without tensor cores and spill: reported, not asserted). The
+kernels that spill today are listed in SPILL_TODAY as strict xfails, so a kernel change that fixes
+one fails here until its entry is removed.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from adasplash_jax import aot
+from adasplash_jax.aot import Variant
+from adasplash_jax.aot.sass import innermost_loops, parse_ptxas
+
+pytestmark = pytest.mark.aot
+
+TARGETS = ("sm_80", "sm_90")
+# ADASPLASH_AOT_FULL=1: the full fp16 product too (about twice the compile time).
+VARIANTS = aot.matrix(full=os.environ.get("ADASPLASH_AOT_FULL", "") not in ("", "0"))
+# The table variants, also disassembled (SASS loop counts).
+SASS_VARIANTS = [Variant(head_dim=d, dtype="bfloat16", causal=True, alpha=1.5) for d in (64, 128)]
+# Each program's kernels, by label: a change to the kernel set must update this.
+KERNELS = {"inference": ("tau", "forward"), "training": ("forward+res", "dkdv", "dq")}
+LABELS = [label for labels in KERNELS.values() for label in labels]
+
+_AVAILABLE, _WHY = aot.tools_available(sass=True)
+_REQUIRED = bool(os.environ.get("CI")) and sys.version_info < (3, 12) and sys.platform == "linux"
+
+
+def _need_tools():
+    if _AVAILABLE:
+        return
+    if _REQUIRED:
+        pytest.fail("CI installs the `aot` extra through `.[test]`, but it is missing:\n" + _WHY)
+    pytest.skip(_WHY.replace("\n  - ", "; "))
+
+
+# The bf16/fp16 kernels that spill registers today (2026-12-01: ptxas 13.5, jaxlib 0.10.2's Triton,
+# default BlockSizes), from the full matrix (python -m adasplash_jax.aot --matrix full): dK/dV on
+# sm_80 at d = 64 (4-8 B) and 128 (16 B); learned-α dQ on both targets (sm_80 92-124 B, sm_90
+# 4-108 B); the τ kernel on sm_80 with general α (traced or 1.8) at d = 64/128 (4 B) and α = 2 at
+# d = 256 non-causal (8 B); the training forward on sm_80 at d = 128, α = 2, non-causal (12 B).
+# Strict xfails: the kernel change that stops one spilling must delete its line.
+SPILL_TODAY = {
+    # dkdv on sm_80: 40
+    "d64-bf16-causal-a1.5-L16384:dkdv:sm_80",
+    "d64-bf16-causal-a1.5-L4096:dkdv:sm_80",
+    "d64-bf16-causal-a1.8-L4096:dkdv:sm_80",
+    "d64-bf16-causal-a2-L4096:dkdv:sm_80",
+    "d64-bf16-causal-ahead-L4096:dkdv:sm_80",
+    "d64-bf16-causal-alearned-L4096:dkdv:sm_80",
+    "d64-bf16-full-a1.8-L4096:dkdv:sm_80",
+    "d64-bf16-full-ahead-L4096:dkdv:sm_80",
+    "d64-bf16-full-alearned-L4096:dkdv:sm_80",
+    "d64-fp16-causal-a1.5-L4096:dkdv:sm_80",
+    "d64-fp16-causal-a1.8-L4096:dkdv:sm_80",
+    "d64-fp16-causal-a2-L4096:dkdv:sm_80",
+    "d64-fp16-causal-ahead-L4096:dkdv:sm_80",
+    "d64-fp16-causal-alearned-L4096:dkdv:sm_80",
+    "d64-fp16-full-a1.8-L4096:dkdv:sm_80",
+    "d64-fp16-full-ahead-L4096:dkdv:sm_80",
+    "d64-fp16-full-alearned-L4096:dkdv:sm_80",
+    "d128-bf16-causal-a1.5-L16384:dkdv:sm_80",
+    "d128-bf16-causal-a1.5-L4096:dkdv:sm_80",
+    "d128-bf16-causal-a1.5-L4096-gqa8:2:dkdv:sm_80",
+    "d128-bf16-causal-a1.8-L4096:dkdv:sm_80",
+    "d128-bf16-causal-a2-L4096:dkdv:sm_80",
+    "d128-bf16-causal-ahead-L4096:dkdv:sm_80",
+    "d128-bf16-causal-alearned-L4096:dkdv:sm_80",
+    "d128-bf16-causal-alearned-L4096-gqa8:2:dkdv:sm_80",
+    "d128-bf16-full-a1.5-L4096:dkdv:sm_80",
+    "d128-bf16-full-a1.8-L4096:dkdv:sm_80",
+    "d128-bf16-full-a2-L4096:dkdv:sm_80",
+    "d128-bf16-full-ahead-L4096:dkdv:sm_80",
+    "d128-bf16-full-alearned-L4096:dkdv:sm_80",
+    "d128-fp16-causal-a1.5-L4096:dkdv:sm_80",
+    "d128-fp16-causal-a1.8-L4096:dkdv:sm_80",
+    "d128-fp16-causal-a2-L4096:dkdv:sm_80",
+    "d128-fp16-causal-ahead-L4096:dkdv:sm_80",
+    "d128-fp16-causal-alearned-L4096:dkdv:sm_80",
+    "d128-fp16-full-a1.5-L4096:dkdv:sm_80",
+    "d128-fp16-full-a1.8-L4096:dkdv:sm_80",
+    "d128-fp16-full-a2-L4096:dkdv:sm_80",
+    "d128-fp16-full-ahead-L4096:dkdv:sm_80",
+    "d128-fp16-full-alearned-L4096:dkdv:sm_80",
+    # dq on sm_80: 14
+    "d32-bf16-causal-alearned-L4096:dq:sm_80",
+    "d32-bf16-full-alearned-L4096:dq:sm_80",
+    "d32-fp16-causal-alearned-L4096:dq:sm_80",
+    "d32-fp16-full-alearned-L4096:dq:sm_80",
+    "d64-bf16-causal-alearned-L4096:dq:sm_80",
+    "d64-bf16-causal-alearned-L4096-gqa8:2:dq:sm_80",
+    "d64-bf16-full-alearned-L4096:dq:sm_80",
+    "d64-fp16-causal-alearned-L4096:dq:sm_80",
+    "d64-fp16-full-alearned-L4096:dq:sm_80",
+    "d128-bf16-causal-alearned-L4096:dq:sm_80",
+    "d128-bf16-causal-alearned-L4096-gqa8:2:dq:sm_80",
+    "d128-bf16-full-alearned-L4096:dq:sm_80",
+    "d128-fp16-causal-alearned-L4096:dq:sm_80",
+    "d128-fp16-full-alearned-L4096:dq:sm_80",
+    # forward+res on sm_80: 2
+    "d128-bf16-full-a2-L4096:forward+res:sm_80",
+    "d128-fp16-full-a2-L4096:forward+res:sm_80",
+    # tau on sm_80: 22
+    "d64-bf16-causal-a1.8-L4096:tau:sm_80",
+    "d64-bf16-causal-ahead-L4096:tau:sm_80",
+    "d64-bf16-causal-alearned-L4096:tau:sm_80",
+    "d64-bf16-causal-alearned-L4096-gqa8:2:tau:sm_80",
+    "d64-fp16-causal-a1.8-L4096:tau:sm_80",
+    "d64-fp16-causal-ahead-L4096:tau:sm_80",
+    "d64-fp16-causal-alearned-L4096:tau:sm_80",
+    "d128-bf16-causal-a1.8-L4096:tau:sm_80",
+    "d128-bf16-causal-ahead-L4096:tau:sm_80",
+    "d128-bf16-causal-alearned-L4096:tau:sm_80",
+    "d128-bf16-causal-alearned-L4096-gqa8:2:tau:sm_80",
+    "d128-bf16-full-a1.8-L4096:tau:sm_80",
+    "d128-bf16-full-ahead-L4096:tau:sm_80",
+    "d128-bf16-full-alearned-L4096:tau:sm_80",
+    "d128-fp16-causal-a1.8-L4096:tau:sm_80",
+    "d128-fp16-causal-ahead-L4096:tau:sm_80",
+    "d128-fp16-causal-alearned-L4096:tau:sm_80",
+    "d128-fp16-full-a1.8-L4096:tau:sm_80",
+    "d128-fp16-full-ahead-L4096:tau:sm_80",
+    "d128-fp16-full-alearned-L4096:tau:sm_80",
+    "d256-bf16-full-a2-L4096:tau:sm_80",
+    "d256-fp16-full-a2-L4096:tau:sm_80",
+    # dq on sm_90: 14
+    "d32-bf16-causal-alearned-L4096:dq:sm_90",
+    "d32-bf16-full-alearned-L4096:dq:sm_90",
+    "d32-fp16-causal-alearned-L4096:dq:sm_90",
+    "d32-fp16-full-alearned-L4096:dq:sm_90",
+    "d64-bf16-causal-alearned-L4096:dq:sm_90",
+    "d64-bf16-causal-alearned-L4096-gqa8:2:dq:sm_90",
+    "d64-bf16-full-alearned-L4096:dq:sm_90",
+    "d64-fp16-causal-alearned-L4096:dq:sm_90",
+    "d64-fp16-full-alearned-L4096:dq:sm_90",
+    "d128-bf16-causal-alearned-L4096:dq:sm_90",
+    "d128-bf16-causal-alearned-L4096-gqa8:2:dq:sm_90",
+    "d128-bf16-full-alearned-L4096:dq:sm_90",
+    "d128-fp16-causal-alearned-L4096:dq:sm_90",
+    "d128-fp16-full-alearned-L4096:dq:sm_90",
+}
+
+
+@pytest.fixture(scope="module")
+def records(request):
+    _need_tools()
+    t0 = time.perf_counter()
+    recs = aot.compile_variants(VARIANTS, TARGETS, sass={v.name for v in SASS_VARIANTS})
+    seconds = time.perf_counter() - t0
+    by_id = {}
+    for r in recs:
+        by_id.setdefault(r.id, r)
+    yield by_id
+    _report(request, recs, seconds)
+
+
+def _report(request, recs, seconds):
+    lines = [f"aot: {len(recs)} kernels of {len(VARIANTS)} variants compiled for {', '.join(TARGETS)} in {seconds:.0f} s"]
+    sass_names = {v.name for v in SASS_VARIANTS}
+    lines.append(aot.format_table([r for r in recs if r.variant.name in sass_names]))
+    spilling = sorted(r.id + f" ({r.spill_store_bytes} B)" for r in recs if r.spills and r.variant.dtype != "float32")
+    lines.append(f"bf16/fp16 kernels that spill ({len(spilling)}): " + ", ".join(spilling))
+    fp32 = [r for r in recs if r.variant.dtype == "float32"]
+    lines.append(f"fp32 (reported): {sum(r.spills for r in fp32)} of {len(fp32)} kernels spill, up to "
+                 f"{max([r.spill_store_bytes or 0 for r in fp32], default=0)} B per thread")
+    text = "\n".join(lines)
+    path = os.environ.get("ADASPLASH_AOT_REPORT")
+    if path:
+        with open(path, "w") as f:
+            f.write(text + "\n")
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is not None and capture is not None:
+        with capture.global_and_fixture_disabled():  # teardown output is captured otherwise
+            reporter.write_line("")
+            for line in text.splitlines():
+                reporter.write_line(line)
+
+
+def _record(records, item):
+    if item not in records:
+        variant = item.split(":")[0]
+        errors = [r.error for r in records.values() if r.variant.name == variant and r.error]
+        pytest.fail(f"{item}: not compiled" + (f"; lowering failed:\n{errors[0]}" if errors else ""))
+    return records[item]
+
+
+def _items(dtypes):
+    for v in VARIANTS:
+        if v.dtype not in dtypes:
+            continue
+        for label in LABELS:
+            for t in TARGETS:
+                yield f"{v.name}:{label}:{t}"
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v.name)
+def test_kernel_set(records, variant):
+    labels = sorted({r.label for r in records.values() if r.variant == variant})
+    assert labels == sorted(LABELS), f"{variant.name}: kernels {labels}"
+
+
+@pytest.mark.parametrize("item", list(_items(("bfloat16", "float16", "float32"))))
+def test_compiles_within_shared_memory(records, item):
+    r = _record(records, item)
+    assert r.error is None, r.error
+    assert r.registers is not None and 0 < r.registers <= 255
+    assert r.smem_ok, f"{item}: {r.smem_bytes} B of shared memory, the limit is {r.smem_limit}"
+
+
+def _spill_params():
+    for item in _items(("bfloat16", "float16")):
+        marks = []
+        if item in SPILL_TODAY:
+            marks.append(pytest.mark.xfail(strict=True, reason="spills registers today (see SPILL_TODAY)"))
+        yield pytest.param(item, marks=marks, id=item)
+
+
+@pytest.mark.parametrize("item", list(_spill_params()))
+def test_no_register_spills(records, item):
+    r = _record(records, item)
+    assert r.error is None, r.error
+    assert not r.spills, (f"{item}: {r.registers} registers, {r.spill_store_bytes} B spill stores, "
+                          f"{r.spill_load_bytes} B spill loads, {r.stack_bytes} B stack")
+
+
+@pytest.mark.parametrize("variant", SASS_VARIANTS, ids=lambda v: v.name)
+def test_sass_loops_counted(records, variant):
+    """The disassembled kernels have innermost loops with tensor-core instructions in them."""
+    for label in LABELS:
+        for t in TARGETS:
+            r = _record(records, f"{variant.name}:{label}:{t}")
+            assert r.loops, f"{r.id}: no innermost loop found"
+            mma = "HMMA" if t == "sm_80" else "HGMMA"
+            assert r.sass_mma and all(lp.mma > 0 for lp in r.loops), f"{r.id}: a loop without {mma}"
+            assert all(lp.instructions > lp.mma for lp in r.loops)
+
+
+def test_deviceless_whole_programs():
+    """The jitted forward+backward and a GPT-2 train step compile for a compile-only A100 and H100."""
+    _need_tools()
+    from adasplash_jax.aot.programs import compile_programs
+
+    results = compile_programs(TARGETS)
+    assert {(r["program"], r["target"]) for r in results} == {
+        (p, t) for p in ("attention_fwd_bwd", "gpt2_train_step") for t in TARGETS
+    }
+    for r in results:
+        assert "error" not in r, r
+        assert r["device_kind"] == aot.get_target(r["target"]).device_kind
+        assert {"entmax_threshold", "entmax_attention_forward", "entmax_attention_dkdv",
+                "entmax_attention_dq"} <= set(r["triton_kernels"]), r
+
+
+def test_decode_compiled_kernel_call():
+    """The reader for the compile-while-lowering custom call (jax ≥ 0.11 may take that path) against
+    jaxlib's own encoder of it."""
+    _need_tools()
+    code = (
+        "import jax; jax.devices()\n"
+        "from jax._src.lib import gpu_triton as g\n"
+        "from adasplash_jax.aot.capture import decode_kernel_call\n"
+        "k = g.TritonKernel('kern', 8, 1, 4321, '.version 9.0\\n.target sm_90a\\n', 'ttir', 90)\n"
+        "c = g.TritonKernelCall(k, 2, 3, 4, [g.create_array_parameter(0, 16)] * 3)\n"
+        "print(repr(decode_kernel_call(c.to_proto('kern', b'meta'))))\n"
+    )
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = eval(p.stdout.strip().splitlines()[-1])
+    assert got == dict(num_warps=8, num_stages=None, smem_bytes=4321, ptx=".version 9.0\n.target sm_90a\n",
+                       compute_capability=90, grid=(2, 3, 4))
+
+
+# --------------------------------------------------------------------------- parsers (no tools needed)
+
+PTXAS = """\
+ptxas info    : (C7517) wgmma.wait_group is injected in around line 611 by compiler
+ptxas info    : (C7511) Potential Performance Loss: wgmma.mma_async instructions are serialized due to insufficient register resources for the wgmma pipeline in the function 'k'
+ptxas info    : Compiling entry function 'k' for 'sm_90a'
+ptxas info    : Function properties for k
+    8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads
+ptxas info    : Used 255 registers, used 1 barriers, 8 bytes cumulative stack size
+"""
+
+SASS = """\
+k:
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_0:
+        /*0010*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
+.L_x_1:
+        /*0020*/                   FADD R2, R2, R3 ;
+        /*0030*/              @!P0 BRA `(.L_x_1) ;
+        /*0040*/                   MUFU.EX2 R2, R2 ;
+        /*0050*/               @P1 BRA `(.L_x_0) ;
+.L_x_2:
+        /*0060*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24 ;
+        /*0070*/                   SHFL.BFLY PT, R3, R2, 0x1, 0x1f ;
+        /*0080*/                   BRA `(.L_x_2) ;
+        /*0090*/                   EXIT ;
+.L_x_3:
+        /*00a0*/                   BRA `(.L_x_3);
+"""
+
+
+def test_parse_ptxas():
+    rep = parse_ptxas(PTXAS)
+    assert (rep.registers, rep.stack_bytes, rep.spill_store_bytes, rep.spill_load_bytes) == (255, 8, 4, 12)
+    assert rep.perf_warnings == ("C7511",) and rep.codes == {"C7511": 1, "C7517": 1}
+
+
+def test_innermost_loops():
+    loops = innermost_loops(SASS)
+    # the loop at 0x20 lies inside the one at 0x10 (not innermost); BRA-to-self after EXIT is no loop
+    assert [(lp.start, lp.end, lp.instructions, lp.mma) for lp in loops] == [(0x20, 0x30, 2, 0), (0x60, 0x80, 3, 1)]
+    assert loops[1].classes["shfl"] == 1 and loops[1].issue_slots(4) == 12
+    assert loops[1].mma_flops == 2 * 64 * 64 * 16 // 4  # a warpgroup-wide HGMMA, per warp
+
+
+def test_missing_extra_names_it(monkeypatch):
+    from adasplash_jax.aot import tools
+
+    tools.find_tools.cache_clear()
+    monkeypatch.setattr(tools, "_version", lambda name: None)
+    try:
+        with pytest.raises(aot.AotToolsMissing, match=r"\.\[aot\]"):
+            tools.find_tools(sass=True)
+    finally:
+        tools.find_tools.cache_clear()
