@@ -1,9 +1,10 @@
 """1. The τ kernel (grid: query blocks × batch × heads).
 
 Per query row: the row max, sum and allowed count in one pass over the reachable key
-blocks, then Halley–bisection passes (recomputing Q·Kᵀ tiles, never writing scores) and a
-final pass for the normaliser Σp, the non-zero count and the block mask (a tile is active
-if any probability in it is non-zero).
+blocks, then Halley–bisection passes (recomputing Q·Kᵀ tiles, never writing scores); the
+last pass also marks the block mask (a tile is active if it may hold a non-zero
+probability at the final τ). The normaliser Σp and the non-zero count are left to the
+forward kernel, which visits every active tile at the final τ anyway.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ from jax.experimental import pallas as pl
 
 from adasplash_jax.kernels.config import MASKED, KernelConfig
 from adasplash_jax.kernels.specs import block_specs, call, segment_specs
-from adasplash_jax.kernels.tiles import RowContext, alpha_of, load_segment, tile_powers
+from adasplash_jax.kernels.tiles import RowContext, alpha_of, load_segment
 from adasplash_jax.solver import powers, solver_step, threshold_bracket
 
 
 def _threshold_kernel(
     alpha_ref, q_len_ref, kv_len_ref, q_ref, k_ref, q_segment_ref, kv_segment_ref,
-    tau_ref, row_max_ref, norm_ref, nonzero_ref, allowed_ref, block_mask_ref,
+    tau_ref, row_max_ref, allowed_ref, block_mask_ref,
     *, cfg: KernelConfig,
 ):
     q_block = pl.program_id(0)
@@ -59,40 +60,35 @@ def _threshold_kernel(
     lo, hi = jnp.where(has_any, lo, 0.0), jnp.where(has_any, hi, 0.0)
     tau = 0.5 * (lo + hi)
 
-    def solver_iteration(_, carry):
-        tau, lo, hi = carry
-
-        def sums(j, acc):
-            s, _, _ = row.scores(q, k_ref, j, kv_segment_ref)
-            z = jnp.maximum(x_scale * (s - row_max[:, None]) - tau[:, None], 0.0)
-            t0, t1, t2 = powers(cfg.alpha_static, alpha, z)
-            return acc[0] + jnp.sum(t0, 1), acc[1] + jnp.sum(t1, 1), acc[2] + jnp.sum(t2, 1)
-
-        zero = jnp.zeros((cfg.block_q,), jnp.float32)
-        s0, s1, s2 = lax.fori_loop(0, num_blocks, sums, (zero, zero, zero))
-        new_tau, lo, hi, f, *_ = solver_step(cfg.alpha_static, alpha, tau, lo, hi, s0, s1, s2)
-        return jnp.where(f == 0, tau, new_tau), lo, hi
-
-    tau, lo, hi = lax.fori_loop(0, cfg.n_iter, solver_iteration, (tau, lo, hi))
-
-    def final_pass(j, carry):
-        norm, nonzero, bits = carry
+    def pass_sums(tau, lo, j, acc, with_mask):
         s, _, _ = row.scores(q, k_ref, j, kv_segment_ref)
-        z, p0, _ = tile_powers(cfg, alpha, s, tau, row_max)
-        support = (z > 0).astype(jnp.float32)
-        active = jnp.max(support).astype(jnp.int32)
-        bits = jnp.where(jnp.arange(cfg.kv_blocks_padded) == j, active, bits)
-        return norm + jnp.sum(p0, 1), nonzero + jnp.sum(support, 1), bits
+        x = x_scale * (s - row_max[:, None])
+        z = jnp.maximum(x - tau[:, None], 0.0)
+        t0, t1, t2 = powers(cfg.alpha_static, alpha, z)
+        acc = (acc[0] + jnp.sum(t0, 1), acc[1] + jnp.sum(t1, 1), acc[2] + jnp.sum(t2, 1), *acc[3:])
+        if with_mask:
+            # The tile is active if any entry lies above lo, the bracket's lower end before this
+            # pass: f(lo) ≥ 0 and the final τ never leaves the bracket, whose lower end only
+            # grows, so final τ ≥ lo and this mask covers the support at the final τ.
+            above = jnp.max(jnp.max(x, axis=1) - lo) > 0
+            acc = (*acc[:3], jnp.where(jnp.arange(cfg.kv_blocks_padded) == j, above.astype(jnp.int32), acc[3]))
+        return acc
 
-    zero = jnp.zeros((cfg.block_q,), jnp.float32)
-    norm, nonzero, bits = lax.fori_loop(
-        0, num_blocks, final_pass, (zero, zero, jnp.zeros((cfg.kv_blocks_padded,), jnp.int32))
-    )
-    norm = jnp.where(bad, jnp.nan, norm)
+    def solver_iteration(carry, with_mask):
+        tau, lo, hi, bits = carry
+        zero = jnp.zeros((cfg.block_q,), jnp.float32)
+        init = (zero, zero, zero) + ((bits,) if with_mask else ())
+        sums = lax.fori_loop(0, num_blocks, functools.partial(pass_sums, tau, lo, with_mask=with_mask), init)
+        new_tau, new_lo, hi, f, *_ = solver_step(cfg.alpha_static, alpha, tau, lo, hi, *sums[:3])
+        return jnp.where(f == 0, tau, new_tau), new_lo, hi, sums[3] if with_mask else bits
+
+    bits = jnp.zeros((cfg.kv_blocks_padded,), jnp.int32)
+    # n_iter − 1 plain passes, then the last one, which also marks the active tiles: no final pass.
+    carry = lax.fori_loop(0, cfg.n_iter - 1, lambda _, c: solver_iteration(c, False), (tau, lo, hi, bits))
+    tau, _, _, bits = solver_iteration(carry, True)
     tau_ref[...] = tau
-    row_max_ref[...] = row_max
-    norm_ref[...] = norm
-    nonzero_ref[...] = nonzero
+    # A bad row gets a NaN shift: the forward kernel turns it into a NaN normaliser (NaN row).
+    row_max_ref[...] = jnp.where(bad, jnp.nan, row_max)
     allowed_ref[...] = allowed
     block_mask_ref[...] = bits
 
@@ -107,11 +103,11 @@ def thresholds(cfg: KernelConfig, alpha, q_len, kv_len, q, k, q_seg, kv_seg):
         cfg,
         (cfg.num_q_blocks, B, N),
         [sp["alpha"], sp["batch_scalar"], sp["batch_scalar"], sp["q"], sp["kv"], *segment_specs(cfg, sp)],
-        [sp["row"]] * 5 + [sp["block_list"](cfg.kv_blocks_padded)],
-        [row_shape] * 5 + [jax.ShapeDtypeStruct((B, N, cfg.num_q_blocks, cfg.kv_blocks_padded), jnp.int32)],
+        [sp["row"]] * 3 + [sp["block_list"](cfg.kv_blocks_padded)],
+        [row_shape] * 3 + [jax.ShapeDtypeStruct((B, N, cfg.num_q_blocks, cfg.kv_blocks_padded), jnp.int32)],
         "entmax_threshold",
     )(alpha, q_len, kv_len, q, k, q_seg, kv_seg)
-    tau, row_max, norm, nonzero, allowed, block_mask = outs
-    return tau, row_max, norm, nonzero, allowed, block_mask[..., : cfg.num_kv_blocks]
+    tau, row_max, allowed, block_mask = outs
+    return tau, row_max, allowed, block_mask[..., : cfg.num_kv_blocks]
 
 
