@@ -11,13 +11,13 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 
 from adasplash_jax.kernels.config import KernelConfig
 from adasplash_jax.kernels.specs import block_specs, call, segment_specs
 from adasplash_jax.kernels.threshold import thresholds
-from adasplash_jax.kernels.tiles import RowContext, alpha_of, dot, load_segment, tile_powers
+from adasplash_jax.kernels.tiles import (RowContext, alpha_of, dot, list_slots_below, load_segment, split_loop,
+                                         tile_powers)
 from adasplash_jax.tiling import active_block_lists, pad_axis
 
 
@@ -35,11 +35,11 @@ def _forward_kernel(
     tau, row_max = tau_ref[...], row_max_ref[...]
     hp = cfg.head_dim_padded
 
-    def body(t, carry):
+    def body(t, masked, carry):
         acc, acc_u, norm, u_sum, nonzero = carry
         j = list_ref[t]
-        s, _, _ = row.scores(q, k_ref, j, kv_segment_ref)
-        z, p0, p1 = tile_powers(cfg, alpha, s, tau, row_max)
+        d, _, _ = row.scores(q, k_ref, j, kv_segment_ref, masked)
+        z, p0, p1 = tile_powers(cfg, alpha, d, tau, row_max)
         v = v_ref[pl.ds(j * cfg.block_k, cfg.block_k), :]
         acc = acc + dot(cfg, p0.astype(v.dtype), v)
         # The normaliser Σp at the final τ: every tile holding a non-zero is visited here.
@@ -54,7 +54,9 @@ def _forward_kernel(
     zeros = jnp.zeros((cfg.block_q, hp), jnp.float32)
     zero = jnp.zeros((cfg.block_q,), jnp.float32)
     count = count_ref[...]
-    acc, acc_u, norm, u_sum, nonzero = lax.fori_loop(0, count, body, (zeros, zeros, zero, zero, zero))
+    # The list is ascending: its interior key blocks (no mask needed) come first.
+    interior = list_slots_below(list_ref[...], count, row.interior_end())
+    acc, acc_u, norm, u_sum, nonzero = split_loop(count, 0, interior, body, (zeros, zeros, zero, zero, zero))
     # A row the τ kernel found bad (NaN shift) comes out NaN; a row with nothing to attend, zero.
     norm = jnp.where(jnp.isnan(row_max), jnp.nan, norm)
     inv_norm = jnp.where(norm > 0, 1.0 / jnp.where(norm > 0, norm, 1.0), jnp.where(jnp.isnan(norm), jnp.nan, 0.0))

@@ -18,8 +18,9 @@ from jax.experimental import pallas as pl
 
 from adasplash_jax.kernels.config import MASKED, KernelConfig
 from adasplash_jax.kernels.specs import block_specs, call, segment_specs
-from adasplash_jax.kernels.tiles import RowContext, alpha_of, load_segment
-from adasplash_jax.solver import powers, solver_step, threshold_bracket
+from adasplash_jax.kernels.tiles import (RowContext, alpha_of, load_segment, powers, split_loop, tile_x,
+                                         x_multiplier)
+from adasplash_jax.solver import solver_step, threshold_bracket
 
 
 def _threshold_kernel(
@@ -33,38 +34,54 @@ def _threshold_kernel(
     row = RowContext(cfg, q_block, q_len_ref[...], kv_len_ref[...],
                      load_segment(q_segment_ref, q_block * cfg.block_q, cfg.block_q))
     num_blocks = row.key_block_bound()
-    x_scale = alpha - 1.0
+    interior = row.interior_end()
+    x_mult = x_multiplier(cfg, alpha)
 
-    # Pass 1: row max m of the scores, the allowed count, and Σ(s − m) for the Jensen
-    # bound (kept relative to the running max, so it stays exact at any score magnitude).
-    def max_pass(j, carry):
+    def key_blocks(body, carry):
+        """body(j, masked, carry) over the reachable key blocks, interior ones without masks."""
+        return split_loop(num_blocks, 0, interior, body, carry)
+
+    # Pass 1: row max m of the raw scores and Σ(d − m) for the Jensen bound (kept relative
+    # to the running max, so it stays exact at any score magnitude); `allowed` counts the
+    # keys seen so far (a tile's count is only reduced when segments make it irregular).
+    limit = None if cfg.has_segments else row.allowed_keys().astype(jnp.float32)
+
+    def max_pass(j, masked, carry):
         row_max, row_sum, allowed = carry
-        s, keep, _ = row.scores(q, k_ref, j, kv_segment_ref)
-        new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
-        row_sum = row_sum + allowed * (row_max - new_max) + jnp.sum(jnp.where(keep, s - new_max[:, None], 0.0), 1)
-        allowed = allowed + jnp.sum(keep.astype(jnp.float32), axis=1)
+        d, keep, _ = row.scores(q, k_ref, j, kv_segment_ref, masked)
+        new_max = jnp.maximum(row_max, jnp.max(d, axis=1))
+        shifted = d - new_max[:, None]
+        if masked:
+            shifted = jnp.where(keep, shifted, 0.0)
+        row_sum = row_sum + allowed * (row_max - new_max) + jnp.sum(shifted, 1)
+        if not masked:
+            allowed = allowed + cfg.block_k
+        elif limit is not None:
+            allowed = jnp.minimum(limit, ((j + 1) * cfg.block_k).astype(jnp.float32))
+        else:
+            allowed = allowed + jnp.sum(keep.astype(jnp.float32), axis=1)
         return new_max, row_sum, allowed
 
     zero = jnp.zeros((cfg.block_q,), jnp.float32)
     init = (jnp.full((cfg.block_q,), MASKED, jnp.float32), zero, zero)
-    row_max, row_sum, allowed = lax.fori_loop(0, num_blocks, max_pass, init)
-    # τ is solved on x = (α−1)(s − m), whose max is 0, as on the dense path: (α−1)·s itself
-    # loses every digit of z = x − τ once scores reach ~1e7. Rows with nothing to attend
-    # to keep τ = 0, far above their masked x.
-    # A NaN or +inf score (or a NaN α: out of range) makes Σ(s − m) NaN; such rows come
+    row_max, row_sum, allowed = key_blocks(max_pass, init)
+    # τ is solved on x = (α−1)·scale·(d − m), whose max is 0, as on the dense path: (α−1)·s
+    # itself loses every digit of z = x − τ once scores reach ~1e7. Rows with nothing to
+    # attend to keep τ = 0, far above their masked x.
+    # A NaN or +inf score (or a NaN α: out of range) makes Σ(d − m) NaN; such rows come
     # out NaN (the library's NaN policy), never as a masked row of zeros.
-    bad = jnp.isnan(row_sum) | jnp.isnan(x_scale)
+    bad = jnp.isnan(row_sum) | jnp.isnan(x_mult)
     has_any = (allowed > 0) & ~bad
-    x_mean = x_scale * row_sum / jnp.maximum(allowed, 1.0)
+    x_mean = x_mult * row_sum / jnp.maximum(allowed, 1.0)
     lo, hi = threshold_bracket(jnp.zeros_like(row_max), allowed, alpha, row_mean=x_mean)
     lo, hi = jnp.where(has_any, lo, 0.0), jnp.where(has_any, hi, 0.0)
     tau = 0.5 * (lo + hi)
 
-    def pass_sums(tau, lo, j, acc, with_mask):
-        s, _, _ = row.scores(q, k_ref, j, kv_segment_ref)
-        x = x_scale * (s - row_max[:, None])
+    def pass_sums(tau, lo, with_mask, j, masked, acc):
+        d, _, _ = row.scores(q, k_ref, j, kv_segment_ref, masked)
+        x = tile_x(cfg, alpha, d, row_max)
         z = jnp.maximum(x - tau[:, None], 0.0)
-        t0, t1, t2 = powers(cfg.alpha_static, alpha, z)
+        t0, t1, t2 = powers(cfg, alpha, z)
         acc = (acc[0] + jnp.sum(t0, 1), acc[1] + jnp.sum(t1, 1), acc[2] + jnp.sum(t2, 1), *acc[3:])
         if with_mask:
             # The tile is active if any entry lies above lo, the bracket's lower end before this
@@ -78,7 +95,7 @@ def _threshold_kernel(
         tau, lo, hi, bits = carry
         zero = jnp.zeros((cfg.block_q,), jnp.float32)
         init = (zero, zero, zero) + ((bits,) if with_mask else ())
-        sums = lax.fori_loop(0, num_blocks, functools.partial(pass_sums, tau, lo, with_mask=with_mask), init)
+        sums = key_blocks(functools.partial(pass_sums, tau, lo, with_mask), init)
         new_tau, new_lo, hi, f, *_ = solver_step(cfg.alpha_static, alpha, tau, lo, hi, *sums[:3])
         return jnp.where(f == 0, tau, new_tau), new_lo, hi, sums[3] if with_mask else bits
 
