@@ -3,10 +3,10 @@
 The kernels, each in its own module and each checked against the dense path
 (``adasplash_jax.dense.dense_attention``):
 
-1. ``threshold`` — τ per query row, the normaliser and the block mask;
+1. ``threshold`` — τ per query row and the block mask;
 2. ``adasplash_jax.tiling.active_block_lists`` — per query block the active key blocks,
    per key block the active query blocks (static shapes, no host sync);
-3. ``forward`` — O (and Õ when differentiated) over active tiles only;
+3. ``forward`` — O, the normaliser Σp (and Õ when differentiated) over active tiles only;
 4. ``backward`` — dK/dV and dQ over active tiles only.
 
 Inputs are padded to whole blocks (and head_dim to a power of two ≥ 16) on the XLA side;
@@ -124,7 +124,7 @@ def pallas_attention(
     return_stats: bool = False,
 ):
     """Entmax attention with the Pallas kernels for validated inputs (see ``entmax_attention``)."""
-    cfg = make_config(inp, block_sizes, interpret)
+    cfg = make_config(inp, block_sizes, interpret, count_nonzero=return_stats)
     args = kernel_inputs(cfg, inp)
     try:
         out, stats = _attention(cfg, *args)

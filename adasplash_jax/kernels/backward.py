@@ -8,13 +8,13 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 
 from adasplash_jax.entmax import alpha_grad_from_row_sums
 from adasplash_jax.kernels.config import MASKED, KernelConfig
 from adasplash_jax.kernels.specs import block_specs, call, segment_specs
-from adasplash_jax.kernels.tiles import RowContext, alpha_of, dot, load_segment, tile_powers
+from adasplash_jax.kernels.tiles import (RowContext, alpha_of, dot, interior_query_blocks, list_slots_below,
+                                         load_segment, split_loop, tile_powers)
 from adasplash_jax.tiling import active_block_lists, pad_axis, transposed_block_mask
 
 
@@ -33,20 +33,22 @@ def _dkdv_kernel(
     dv = jnp.zeros((cfg.block_k, hp), jnp.float32)
     visited = jnp.int32(0)
     q_len, kv_len = q_len_ref[...], kv_len_ref[...]
+    interior_lo, interior_hi = interior_query_blocks(cfg, kv_block, q_len, kv_len)
 
     for g in range(cfg.groups):  # query heads sharing this key/value head
         alpha = alpha_of(cfg, alpha_ref, g)
 
-        def body(t, carry, g=g, alpha=alpha):
+        def body(t, masked, carry, g=g, alpha=alpha):
             dk, dv = carry
             i = list_ref[g, t]
             rows = pl.ds(i * cfg.block_q, cfg.block_q)
             q = q_ref[rows, g, :]
             do = do_ref[rows, g, :]
-            row = RowContext(cfg, i, q_len, kv_len, load_segment(q_segment_ref, i * cfg.block_q, cfg.block_q))
-            s = dot(cfg, q, k, trans_b=True) * cfg.scale
-            s = jnp.where(row.keep(kv_block, kv_segment_ref), s, MASKED)
-            _, p0, p1 = tile_powers(cfg, alpha, s, tau_ref[g, rows], row_max_ref[g, rows])
+            d = dot(cfg, q, k, trans_b=True)
+            if masked:
+                row = RowContext(cfg, i, q_len, kv_len, load_segment(q_segment_ref, i * cfg.block_q, cfg.block_q))
+                d = jnp.where(row.keep(kv_block, kv_segment_ref), d, MASKED)
+            _, p0, p1 = tile_powers(cfg, alpha, d, tau_ref[g, rows], row_max_ref[g, rows])
             p = p0 * inv_norm_ref[g, rows][:, None]
             u = p1 * u_scale_ref[g, rows][:, None]
             dv = dv + dot(cfg, p.astype(do.dtype), do, trans_a=True)
@@ -56,7 +58,11 @@ def _dkdv_kernel(
             return dk, dv
 
         count = count_ref[g]
-        dk, dv = lax.fori_loop(0, count, body, (dk, dv))
+        # The list is ascending: its interior query blocks (no mask needed) are one run of slots.
+        blocks = list_ref[g, :]
+        start = list_slots_below(blocks, count, interior_lo)
+        end = list_slots_below(blocks, count, interior_hi)
+        dk, dv = split_loop(count, start, end, body, (dk, dv))
         visited = visited + count
     dk_ref[...] = (dk * cfg.scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
@@ -79,11 +85,11 @@ def _dq_kernel(
     tau, row_max, inv_norm, u_scale, delta = (tau_ref[...], row_max_ref[...], inv_norm_ref[...], u_scale_ref[...],
                                               delta_ref[...])
 
-    def body(t, carry):
+    def body(t, masked, carry):
         dq, sums = carry
         j = list_ref[t]
-        s, keep, k = row.scores(q, k_ref, j, kv_segment_ref)
-        _, p0, p1 = tile_powers(cfg, alpha, s, tau, row_max)
+        d, _, k = row.scores(q, k_ref, j, kv_segment_ref, masked)
+        _, p0, p1 = tile_powers(cfg, alpha, d, tau, row_max)
         p = p0 * inv_norm[:, None]
         u = p1 * u_scale[:, None]
         v = v_ref[pl.ds(j * cfg.block_k, cfg.block_k), :]
@@ -92,7 +98,7 @@ def _dq_kernel(
         dq = dq + dot(cfg, ds.astype(k.dtype), k)
         if with_alpha_grad:
             # Row sums for dL/dα (see _alpha_grad_from_row_sums): Σu·s, Σp·log p, Σ dP·u·s, Σ dP·p·log p.
-            s_on = jnp.where(p > 0, s - row_max[:, None], 0.0)  # shift-invariant; exact near the max
+            s_on = jnp.where(p > 0, (d - row_max[:, None]) * cfg.scale, 0.0)  # shift-invariant; exact near the max
             p_log_p = jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0)
             sums = (
                 sums[0] + jnp.sum(u * s_on, 1),
@@ -106,7 +112,8 @@ def _dq_kernel(
     zero = jnp.zeros((cfg.block_q,), jnp.float32)
     init = (jnp.zeros((cfg.block_q, cfg.head_dim_padded), jnp.float32), (zero,) * 5)
     count = count_ref[...]
-    dq, sums = lax.fori_loop(0, count, body, init)
+    interior = list_slots_below(list_ref[...], count, row.interior_end())
+    dq, sums = split_loop(count, 0, interior, body, init)
     dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
     extra = list(extra_refs)
     if with_alpha_grad:

@@ -85,6 +85,8 @@ class KernelConfig:
     exact_dots: bool
     interpret: bool
     debug: bool
+    # The forward kernel also counts the non-zero probabilities per row (sparsity statistics).
+    count_nonzero: bool = False
 
     @property
     def groups(self) -> int:
@@ -173,7 +175,8 @@ def unsupported_reason(inp: AttentionInputs) -> str | None:
     return None
 
 
-def make_config(inp: AttentionInputs, block_sizes: BlockSizes | None, interpret: bool | None, debug: bool = False):
+def make_config(inp: AttentionInputs, block_sizes: BlockSizes | None, interpret: bool | None, debug: bool = False,
+                count_nonzero: bool = False):
     B, T, N, H = inp.query.shape
     S, K = inp.key.shape[1], inp.key.shape[2]
     reason = unsupported_reason(inp)
@@ -190,7 +193,7 @@ def make_config(inp: AttentionInputs, block_sizes: BlockSizes | None, interpret:
         scale=inp.scale,
         alpha_static=alpha_static,
         has_segments=inp.q_segment_ids is not None or inp.mask is not None, exact_dots=dtype == jnp.float32,
-        interpret=_resolve_interpret(interpret), debug=debug,
+        interpret=_resolve_interpret(interpret), debug=debug, count_nonzero=count_nonzero,
     )
 
 

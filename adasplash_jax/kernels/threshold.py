@@ -1,9 +1,10 @@
 """1. The τ kernel (grid: query blocks × batch × heads).
 
 Per query row: the row max, sum and allowed count in one pass over the reachable key
-blocks, then Halley–bisection passes (recomputing Q·Kᵀ tiles, never writing scores) and a
-final pass for the normaliser Σp, the non-zero count and the block mask (a tile is active
-if any probability in it is non-zero).
+blocks, then Halley–bisection passes (recomputing Q·Kᵀ tiles, never writing scores); the
+last pass also marks the block mask (a tile is active if it may hold a non-zero
+probability at the final τ). The normaliser Σp and the non-zero count are left to the
+forward kernel, which visits every active tile at the final τ anyway.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ from jax.experimental import pallas as pl
 
 from adasplash_jax.kernels.config import MASKED, KernelConfig
 from adasplash_jax.kernels.specs import block_specs, call, segment_specs
-from adasplash_jax.kernels.tiles import RowContext, alpha_of, load_segment, tile_powers
-from adasplash_jax.solver import TOL, no_progress, powers, solver_step, threshold_bracket
+from adasplash_jax.kernels.tiles import (RowContext, alpha_of, load_segment, powers, split_loop, tile_x,
+                                         x_multiplier)
+from adasplash_jax.solver import TOL, no_progress, solver_step, threshold_bracket
 
 
 def _threshold_kernel(
     alpha_ref, q_len_ref, kv_len_ref, q_ref, k_ref, q_segment_ref, kv_segment_ref,
-    tau_ref, row_max_ref, norm_ref, nonzero_ref, allowed_ref, block_mask_ref,
+    tau_ref, row_max_ref, allowed_ref, block_mask_ref,
     *, cfg: KernelConfig,
 ):
     q_block = pl.program_id(0)
@@ -32,75 +34,111 @@ def _threshold_kernel(
     row = RowContext(cfg, q_block, q_len_ref[...], kv_len_ref[...],
                      load_segment(q_segment_ref, q_block * cfg.block_q, cfg.block_q))
     first_block, num_blocks = row.key_block_range()
-    x_scale = alpha - 1.0
+    interior = row.interior_end()
+    x_mult = x_multiplier(cfg, alpha)
 
-    # Pass 1: row max m of the scores, the allowed count, and Σ(s − m) for the Jensen
-    # bound (kept relative to the running max, so it stays exact at any score magnitude).
-    def max_pass(j, carry):
+    def key_blocks(body, carry):
+        """body(j, masked, carry) over the reachable key blocks, interior ones without masks
+        (a local window starts later and has no interior tiles)."""
+        if cfg.window is not None:
+            return lax.fori_loop(first_block, num_blocks, lambda j, c: body(j, True, c), carry)
+        return split_loop(num_blocks, 0, interior, body, carry)
+
+    # Pass 1: row max m of the raw scores and Σ(d − m) for the Jensen bound (kept relative
+    # to the running max, so it stays exact at any score magnitude); `allowed` counts the
+    # keys seen so far (a tile's count is only reduced when segments make it irregular).
+    limit = None if cfg.has_segments or cfg.window is not None else row.allowed_keys().astype(jnp.float32)
+
+    def max_pass(j, masked, carry):
         row_max, row_sum, allowed = carry
-        s, keep, _ = row.scores(q, k_ref, j, kv_segment_ref)
-        new_max = jnp.maximum(row_max, jnp.max(s, axis=1))
-        row_sum = row_sum + allowed * (row_max - new_max) + jnp.sum(jnp.where(keep, s - new_max[:, None], 0.0), 1)
-        allowed = allowed + jnp.sum(keep.astype(jnp.float32), axis=1)
+        d, keep, _ = row.scores(q, k_ref, j, kv_segment_ref, masked)
+        new_max = jnp.maximum(row_max, jnp.max(d, axis=1))
+        shifted = d - new_max[:, None]
+        if masked:
+            shifted = jnp.where(keep, shifted, 0.0)
+        row_sum = row_sum + allowed * (row_max - new_max) + jnp.sum(shifted, 1)
+        if not masked:
+            allowed = allowed + cfg.block_k
+        elif limit is not None:
+            allowed = jnp.minimum(limit, ((j + 1) * cfg.block_k).astype(jnp.float32))
+        else:
+            allowed = allowed + jnp.sum(keep.astype(jnp.float32), axis=1)
         return new_max, row_sum, allowed
 
     zero = jnp.zeros((cfg.block_q,), jnp.float32)
     init = (jnp.full((cfg.block_q,), MASKED, jnp.float32), zero, zero)
-    row_max, row_sum, allowed = lax.fori_loop(first_block, num_blocks, max_pass, init)
-    # τ is solved on x = (α−1)(s − m), whose max is 0, as on the dense path: (α−1)·s itself
-    # loses every digit of z = x − τ once scores reach ~1e7. Rows with nothing to attend
-    # to keep τ = 0, far above their masked x.
-    # A NaN or +inf score (or a NaN α: out of range) makes Σ(s − m) NaN; such rows come
+    row_max, row_sum, allowed = key_blocks(max_pass, init)
+    # τ is solved on x = (α−1)·scale·(d − m), whose max is 0, as on the dense path: (α−1)·s
+    # itself loses every digit of z = x − τ once scores reach ~1e7. Rows with nothing to
+    # attend to keep τ = 0, far above their masked x.
+    # A NaN or +inf score (or a NaN α: out of range) makes Σ(d − m) NaN; such rows come
     # out NaN (the library's NaN policy), never as a masked row of zeros.
-    bad = jnp.isnan(row_sum) | jnp.isnan(x_scale)
+    bad = jnp.isnan(row_sum) | jnp.isnan(x_mult)
     has_any = (allowed > 0) & ~bad
-    x_mean = x_scale * row_sum / jnp.maximum(allowed, 1.0)
+    x_mean = x_mult * row_sum / jnp.maximum(allowed, 1.0)
     lo, hi = threshold_bracket(jnp.zeros_like(row_max), allowed, alpha, row_mean=x_mean)
     lo, hi = jnp.where(has_any, lo, 0.0), jnp.where(has_any, hi, 0.0)
     tau = 0.5 * (lo + hi)
 
-    def solver_iteration(carry):
-        i, tau, lo, hi, _ = carry
+    def pass_sums(tau, lo, with_mask, j, masked, acc):
+        d, _, _ = row.scores(q, k_ref, j, kv_segment_ref, masked)
+        x = tile_x(cfg, alpha, d, row_max)
+        z = jnp.maximum(x - tau[:, None], 0.0)
+        t0, t1, t2 = powers(cfg, alpha, z)
+        acc = (acc[0] + jnp.sum(t0, 1), acc[1] + jnp.sum(t1, 1), acc[2] + jnp.sum(t2, 1), *acc[3:])
+        if with_mask:
+            # The tile is active if any entry lies above lo, the bracket's lower end before this
+            # pass: f(lo) ≥ 0 and the final τ never leaves the bracket, whose lower end only
+            # grows, so final τ ≥ lo and this mask covers the support at the final τ.
+            above = jnp.max(jnp.max(x, axis=1) - lo) > 0
+            acc = (*acc[:3], jnp.where(jnp.arange(cfg.kv_blocks_padded) == j, above.astype(jnp.int32), acc[3]))
+        return acc
 
-        def sums(j, acc):
-            s, _, _ = row.scores(q, k_ref, j, kv_segment_ref)
-            z = jnp.maximum(x_scale * (s - row_max[:, None]) - tau[:, None], 0.0)
-            t0, t1, t2 = powers(cfg.alpha_static, alpha, z)
-            return acc[0] + jnp.sum(t0, 1), acc[1] + jnp.sum(t1, 1), acc[2] + jnp.sum(t2, 1)
+    # α = 1.5 and 2: the support sizes at the last points above / below the root (unknown yet).
+    # Once equal, no entry lies between them and solver_step solves the piece exactly, as the
+    # dense path does: sparsemax rows near uniform otherwise stay 1e-3 off in 6 passes.
+    polynomial = cfg.alpha_static in (1.5, 2.0)
+    support = (jnp.full_like(tau, jnp.inf), jnp.full_like(tau, -1.0)) if polynomial else None
 
+    def solver_iteration(carry, with_mask):
+        tau, lo, hi, support, bits = carry
         zero = jnp.zeros((cfg.block_q,), jnp.float32)
-        s0, s1, s2 = lax.fori_loop(first_block, num_blocks, sums, (zero, zero, zero))
-        new_tau, lo, hi, f, newton, predicted, _ = solver_step(cfg.alpha_static, alpha, tau, lo, hi, s0, s1, s2)
+        init = (zero, zero, zero) + ((bits,) if with_mask else ())
+        sums = key_blocks(functools.partial(pass_sums, tau, lo, with_mask), init)
+        new_tau, new_lo, hi, f, newton, predicted, support = solver_step(cfg.alpha_static, alpha, tau, lo, hi,
+                                                                         *sums[:3], support=support)
+        if cfg.alpha_static == 2.0:
+            # f is convex and piecewise linear: a Newton step is a lower bound of the root, exact on
+            # the current piece. One that falls below the bracket (the support grows before the
+            # root) goes to lo, the best lower bound known (often the root itself: the Jensen
+            # bound is exact for rows whose support is every entry), instead of bisecting; from
+            # there Newton climbs monotonically, exact once on the root's piece.
+            new_tau = jnp.where((f < 0) & (newton < new_lo), new_lo, new_tau)
         new_tau = jnp.where(f == 0, tau, new_tau)
-        # A row is done as in the dense solver: converged, no float32 progress left, or a
-        # Halley step from a small residual (already at float32 precision).
+        # A row is done as in the dense solver: converged, no progress left at float32
+        # resolution, or a Halley step from a small residual (already at float32 precision).
         done = ~has_any | (jnp.abs(f) < TOL) | no_progress(tau, new_tau, newton) | predicted
-        return i + 1, new_tau, lo, hi, jnp.min(done.astype(jnp.int32))
+        return (new_tau, new_lo, hi, support, sums[3] if with_mask else bits), jnp.min(done.astype(jnp.int32))
 
-    def keep_going(carry):
-        i, *_, all_done = carry
-        return (i < cfg.n_iter) & (all_done == 0) if cfg.adaptive else i < cfg.n_iter
+    bits = jnp.zeros((cfg.kv_blocks_padded,), jnp.int32)
 
-    _, tau, lo, hi, _ = lax.while_loop(keep_going, solver_iteration, (0, tau, lo, hi, jnp.int32(0)))
+    # Plain passes, then the last one, which also marks the active tiles (no final pass):
+    # n_iter − 1 plain passes when fixed; when adaptive, until every row of the block is done
+    # (the last pass then refines once more), at most n_iter passes in all.
+    def plain_pass(state):
+        i, carry, _ = state
+        carry, all_done = solver_iteration(carry, False)
+        return i + 1, carry, all_done
 
-    def final_pass(j, carry):
-        norm, nonzero, bits = carry
-        s, _, _ = row.scores(q, k_ref, j, kv_segment_ref)
-        z, p0, _ = tile_powers(cfg, alpha, s, tau, row_max)
-        support = (z > 0).astype(jnp.float32)
-        active = jnp.max(support).astype(jnp.int32)
-        bits = jnp.where(jnp.arange(cfg.kv_blocks_padded) == j, active, bits)
-        return norm + jnp.sum(p0, 1), nonzero + jnp.sum(support, 1), bits
+    def more(state):
+        i, _, all_done = state
+        return (i < cfg.n_iter - 1) & (all_done == 0) if cfg.adaptive else i < cfg.n_iter - 1
 
-    zero = jnp.zeros((cfg.block_q,), jnp.float32)
-    norm, nonzero, bits = lax.fori_loop(
-        first_block, num_blocks, final_pass, (zero, zero, jnp.zeros((cfg.kv_blocks_padded,), jnp.int32))
-    )
-    norm = jnp.where(bad, jnp.nan, norm)
+    _, carry, _ = lax.while_loop(more, plain_pass, (0, (tau, lo, hi, support, bits), jnp.int32(0)))
+    (tau, _, _, _, bits), _ = solver_iteration(carry, True)
     tau_ref[...] = tau
-    row_max_ref[...] = row_max
-    norm_ref[...] = norm
-    nonzero_ref[...] = nonzero
+    # A bad row gets a NaN shift: the forward kernel turns it into a NaN normaliser (NaN row).
+    row_max_ref[...] = jnp.where(bad, jnp.nan, row_max)
     allowed_ref[...] = allowed
     block_mask_ref[...] = bits
 
@@ -115,11 +153,11 @@ def thresholds(cfg: KernelConfig, alpha, q_len, kv_len, q, k, q_seg, kv_seg):
         cfg,
         (cfg.num_q_blocks, B, N),
         [sp["alpha"], sp["batch_scalar"], sp["batch_scalar"], sp["q"], sp["kv"], *segment_specs(cfg, sp)],
-        [sp["row"]] * 5 + [sp["block_list"](cfg.kv_blocks_padded)],
-        [row_shape] * 5 + [jax.ShapeDtypeStruct((B, N, cfg.num_q_blocks, cfg.kv_blocks_padded), jnp.int32)],
+        [sp["row"]] * 3 + [sp["block_list"](cfg.kv_blocks_padded)],
+        [row_shape] * 3 + [jax.ShapeDtypeStruct((B, N, cfg.num_q_blocks, cfg.kv_blocks_padded), jnp.int32)],
         "entmax_threshold",
     )(alpha, q_len, kv_len, q, k, q_seg, kv_seg)
-    tau, row_max, norm, nonzero, allowed, block_mask = outs
-    return tau, row_max, norm, nonzero, allowed, block_mask[..., : cfg.num_kv_blocks]
+    tau, row_max, allowed, block_mask = outs
+    return tau, row_max, allowed, block_mask[..., : cfg.num_kv_blocks]
 
 

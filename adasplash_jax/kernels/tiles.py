@@ -1,7 +1,14 @@
-"""Tile logic shared by every kernel: the score tile, its keep mask, entmax powers on a tile."""
+"""Tile logic shared by every kernel: the score tile, its keep mask, entmax powers on a tile, and the
+split of a key (or query) block loop into interior tiles, which need no mask, and boundary tiles.
+
+Scores are kept as the raw matmul d = q·kᵀ, and the row max m in that domain: the entmax input
+of an entry is then x = (α−1)·scale·(d − m), one subtraction and one multiply by a constant per
+element (scale and α − 1 folded), exact near the max at any score magnitude.
+"""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -9,7 +16,6 @@ from jax.experimental.pallas import triton as plgpu
 
 from adasplash_jax.kernels.config import MASKED, KernelConfig
 from adasplash_jax.masking import keep_mask, reachable_kv_range
-from adasplash_jax.solver import powers
 
 
 def dot(cfg: KernelConfig, a, b, *, trans_a=False, trans_b=False):
@@ -38,6 +44,21 @@ class RowContext:
         kv_start, kv_end = jnp.asarray(kv_start, jnp.int32), jnp.asarray(kv_end, jnp.int32)
         return lax.div(kv_start, block_k), lax.div(kv_end + block_k - 1, block_k)
 
+    def interior_end(self):
+        """Key blocks [0, e) whose tiles keep every entry of this query block (no mask to apply):
+        the block's rows are all valid, and the tile lies below the causal diagonal and within
+        the kv length. Segments (and padding masks, folded into them) and local windows make no
+        tile interior."""
+        return interior_key_blocks(self.cfg, self.q_start, self.q_len, self.kv_len)
+
+    def allowed_keys(self):
+        """Keys each row may attend to without segments or windows: a prefix [0, limit) of the keys."""
+        cfg = self.cfg
+        limit = jnp.broadcast_to(self.kv_len, self.q_pos.shape)
+        if cfg.causal:
+            limit = jnp.minimum(limit, self.q_pos + 1)
+        return jnp.where(self.q_pos < self.q_len, limit, 0)[:, 0]
+
     def keep(self, kv_block, kv_segment_ref):
         cfg = self.cfg
         kv_start = kv_block * cfg.block_k
@@ -56,28 +77,103 @@ class RowContext:
             window=cfg.window,
         )
 
-    def scores(self, q, k_ref, kv_block, kv_segment_ref):
-        """Entmax input s = scale·q·kᵀ of one tile (fp32) and its keep mask; masked → MASKED."""
+    def scores(self, q, k_ref, kv_block, kv_segment_ref, masked=True):
+        """Raw score tile d = q·kᵀ (fp32), masked entries → MASKED (only when ``masked``: an
+        interior tile keeps everything), its keep mask (None when not masked) and the key tile."""
         cfg = self.cfg
         k = k_ref[pl.ds(kv_block * cfg.block_k, cfg.block_k), :]
-        s = dot(cfg, q, k, trans_b=True) * cfg.scale
+        d = dot(cfg, q, k, trans_b=True)
+        if not masked:
+            return d, None, k
         keep = self.keep(kv_block, kv_segment_ref)
-        return jnp.where(keep, s, MASKED), keep, k
+        return jnp.where(keep, d, MASKED), keep, k
+
+
+def interior_key_blocks(cfg: KernelConfig, q_start, q_len, kv_len):
+    if cfg.has_segments or cfg.window is not None:
+        return jnp.int32(0)
+    end = kv_len // cfg.block_k  # (// not lax.div: Python ints are int64 under x64)
+    if cfg.causal:
+        end = jnp.minimum(end, (q_start + 1) // cfg.block_k)
+    return jnp.where(q_start + cfg.block_q <= q_len, end, 0)
+
+
+def interior_query_blocks(cfg: KernelConfig, kv_block, q_len, kv_len):
+    """Query blocks [lo, hi) whose tiles with key block ``kv_block`` keep every entry."""
+    if cfg.has_segments or cfg.window is not None:
+        return jnp.int32(0), jnp.int32(0)
+    kv_end = (kv_block + 1) * cfg.block_k
+    lo = (kv_end - 1 + cfg.block_q - 1) // cfg.block_q if cfg.causal else jnp.int32(0)
+    hi = jnp.where(kv_end <= kv_len, q_len // cfg.block_q, 0)
+    return lo, jnp.maximum(lo, hi)
+
+
+def split_loop(count, start, end, body, carry):
+    """``body(t, masked, carry)`` for t in [0, count): slots [start, end) unmasked, the rest masked.
+
+    Slots index an ascending block list (or the blocks themselves), so the interior blocks
+    are one contiguous run of slots: one loop over it without masks, one over the rest."""
+    carry = lax.fori_loop(start, end, lambda t, c: body(t, False, c), carry)
+    gap = end - start
+    return lax.fori_loop(0, count - gap, lambda t, c: body(jnp.where(t < start, t, t + gap), True, c), carry)
+
+
+def list_slots_below(blocks, count, bound):
+    """How many of the first ``count`` entries of an ascending block list lie below ``bound``."""
+    slots = jnp.arange(blocks.shape[-1], dtype=jnp.int32)
+    return jnp.sum(((slots < count) & (blocks < bound)).astype(jnp.int32))
 
 
 def alpha_of(cfg: KernelConfig, alpha_ref, index):
     return cfg.alpha_static if cfg.alpha_static is not None else alpha_ref[index]
 
 
-def tile_powers(cfg: KernelConfig, alpha, s, tau, row_max):
-    """(z, z^c0, z^c1) with z = [(α−1)·(s − m) − τ]_+, m the row's score max (masked entries
-    give z = 0). τ is relative to the shifted row, whose max is 0."""
-    z = jnp.maximum((alpha - 1.0) * (s - row_max[:, None]) - tau[:, None], 0.0)
-    p0, p1, _ = powers(cfg.alpha_static, alpha, z)
+def x_multiplier(cfg: KernelConfig, alpha):
+    """(α−1)·scale: maps raw scores relative to the row max to the entmax input x."""
+    return (alpha - 1.0) * cfg.scale
+
+
+def _mufu(cfg: KernelConfig, op: str, x, exact):
+    """2^x or log2 x as one MUFU instruction on the GPU (ex2/lg2.approx, ~2 ulp); the exact
+    function in interpret mode."""
+    if cfg.interpret:
+        return exact(x)
+    [y] = plgpu.elementwise_inline_asm(
+        f"{op}.approx.f32 $0, $1;", args=[x], constraints="=f,f", pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, x.dtype)],
+    )
+    return y
+
+
+def powers(cfg: KernelConfig, alpha, z, *, need_c2=True):
+    """(z^c0, z^c1, z^c2) for z ≥ 0 with exact zeros where z = 0 (c0 = 1/(α−1), c1 = c0 − 1,
+    c2 = c0 − 2), as few instructions as the α allows: α = 2 and 1.5 are polynomials; other α
+    use one lg2 and one ex2 per power (z^c0 = z·z^c1 costs a multiply). Never a log of z ≤ 0."""
+    pos = z > 0
+    if cfg.alpha_static == 2.0:
+        return z, pos.astype(z.dtype), jnp.zeros_like(z) if need_c2 else None
+    if cfg.alpha_static == 1.5:
+        return z * z, z, pos.astype(z.dtype) if need_c2 else None
+    c0 = 1.0 / (alpha - 1.0)
+    log_z = _mufu(cfg, "lg2", jnp.where(pos, z, 1.0), jnp.log2)
+    p1 = jnp.where(pos, _mufu(cfg, "ex2", (c0 - 1.0) * log_z, jnp.exp2), 0.0)
+    p0 = p1 * z
+    p2 = jnp.where(pos, _mufu(cfg, "ex2", (c0 - 2.0) * log_z, jnp.exp2), 0.0) if need_c2 else None
+    return p0, p1, p2
+
+
+def tile_x(cfg: KernelConfig, alpha, d, row_max):
+    """Entmax input x = (α−1)·scale·(d − m) of a raw score tile (masked entries far below −1)."""
+    return (d - row_max[:, None]) * x_multiplier(cfg, alpha)
+
+
+def tile_powers(cfg: KernelConfig, alpha, d, tau, row_max):
+    """(z, z^c0, z^c1) with z = [x − τ]_+ of a raw score tile (masked entries give z = 0).
+    τ is relative to the shifted row, whose max is 0."""
+    z = jnp.maximum(tile_x(cfg, alpha, d, row_max) - tau[:, None], 0.0)
+    p0, p1, _ = powers(cfg, alpha, z, need_c2=False)
     return z, p0, p1
 
 
 def load_segment(ref, start, size):
     return None if ref is None else ref[pl.ds(start, size)]
-
-

@@ -1,0 +1,53 @@
+"""The kernels' pass structure and per-tile work, read from their Triton IR lowered for CUDA (no GPU).
+
+Per visible tile the τ kernel does one max pass and ``n_iter`` solver passes, the last of which
+also marks the block mask (no final pass); each pass is split into an interior loop, whose tiles
+need no keep mask, and a boundary loop. The forward and backward kernels loop over active tiles
+the same way.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from adasplash_jax import entmax_attention
+from adasplash_jax.kernels.ir_stats import kernel_ir, loop_stats
+
+
+@functools.lru_cache(maxsize=None)
+def kernels(alpha, causal=True, L=1024, H=64):
+    structs = [jax.ShapeDtypeStruct((1, L, 4, H), jnp.bfloat16)] * 3
+    f = functools.partial(entmax_attention, is_causal=causal, alpha=alpha, implementation="pallas", interpret=False)
+    texts = kernel_ir(jax.grad(lambda q, k, v: f(q, k, v).astype(jnp.float32).sum(), argnums=(0, 1, 2)), *structs)
+    return {name: loop_stats(text) for name, text in texts.items()}
+
+
+@pytest.mark.parametrize("alpha", [1.5, 1.8, 2.0])
+def test_pass_structure(alpha):
+    st = kernels(alpha)
+    assert set(st) == {"entmax_threshold", "entmax_attention_forward", "entmax_attention_dkdv",
+                       "entmax_attention_dq"}
+    tau = st["entmax_threshold"]
+    # Max pass, solver pass, last solver pass (with the block mask): each an interior and a boundary loop
+    # with one Q·Kᵀ matmul. No final pass.
+    assert len(tau.loops) == 6 and [b.dots for b in tau.loops] == [1] * 6
+    assert tau.dots == 6
+    # Forward with Õ: Q·Kᵀ, P·V, U·V per tile; dK/dV 4; dQ 3 — in an interior and a boundary loop.
+    for name, dots in (("entmax_attention_forward", 3), ("entmax_attention_dkdv", 4), ("entmax_attention_dq", 3)):
+        assert [b.dots for b in st[name].loops] == [dots, dots], name
+    # Interior loops skip the keep mask: fewer tile-wide integer ops than their boundary twins.
+    for name, s in st.items():
+        loops = s.loops
+        for interior, boundary in zip(loops[::2], loops[1::2]):
+            assert interior.tile_int < boundary.tile_int, name
+
+
+def test_general_alpha_powers_are_single_instructions():
+    """Non-polynomial α: one lg2 and one ex2 per power on the GPU (inline PTX), never libdevice's expf/logf."""
+    for name, st in kernels(1.8).items():
+        for body in st.loops[2:] if name == "entmax_threshold" else st.loops:  # past the max pass
+            calls = sorted(c.split(".")[0] for c in body.calls)
+            want = ["ex2", "ex2", "lg2"] if name == "entmax_threshold" else ["ex2", "lg2"]
+            assert calls == want, (name, body.calls)
