@@ -192,3 +192,38 @@ def test_window_tiles_outside_the_band_are_never_visited():
     np.testing.assert_array_equal(visits["forward"], mask.sum(-1))  # and each kernel visits the active ones only
     np.testing.assert_array_equal(visits["dq"], mask.sum(-1))
     np.testing.assert_array_equal(visits["dkdv"], mask.sum(-2))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_alibi_pallas_equals_xla_values_and_gradients(causal):
+    q, k, v = qkv(T=40, S=40, N=4, K=2, seed=16)
+    slopes = jnp.array([0.5, 0.25, 0.125, 0.0625])
+
+    def loss(impl, q, k, v):
+        out = entmax_attention(q, k, v, alpha=1.5, is_causal=causal, alibi_slopes=slopes, implementation=impl)
+        return jnp.sum(out * jnp.cos(jnp.arange(H, dtype=jnp.float32)))
+
+    for argnum in range(3):
+        got = jax.grad(lambda *a: loss("pallas", *a), argnums=argnum)(q, k, v)
+        want = jax.grad(lambda *a: loss("xla", *a), argnums=argnum)(q, k, v)
+        np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+    ours = entmax_attention(q, k, v, alpha=1.5, is_causal=causal, alibi_slopes=slopes, implementation="pallas")
+    ref = entmax_attention(q, k, v, alpha=1.5, is_causal=causal, alibi_slopes=slopes, implementation="xla")
+    np.testing.assert_allclose(ours, ref, atol=2e-5)
+    assert not np.allclose(ref, entmax_attention(q, k, v, alpha=1.5, is_causal=causal, implementation="xla"), atol=1e-3)
+
+
+@pytest.mark.parametrize("kw", [dict(local_window_size=(64, 0), is_causal=True),
+                                dict(alibi_slopes=jnp.array([0.5, 0.25, 0.125, 0.0625]))])
+def test_new_kernel_variants_lower_for_cuda(kw):
+    """The window and ALiBi variants of the four kernels lower to Triton for CUDA (no GPU needed)."""
+    structs = [jax.ShapeDtypeStruct((1, 256, 4, 64), jnp.bfloat16)] * 3
+
+    def loss(q, k, v):
+        out = entmax_attention(q, k, v, alpha=1.5, implementation="pallas", interpret=False, **kw)
+        return out.astype(jnp.float32).sum()
+
+    exported = jax.export.export(
+        jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=["cuda"],
+        disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*structs)
+    assert exported.mlir_module().count("__gpu$xla.gpu.triton") == 4  # τ, forward, dK/dV, dQ

@@ -33,37 +33,37 @@ from adasplash_jax.tiling import pad_axis, sparsity_stats
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(cfg, q, k, v, alpha, q_len, kv_len, q_seg, kv_seg):
-    (out, *_), stats = forward(cfg, alpha, q_len, kv_len, q, k, v, q_seg, kv_seg, with_residual=False)
+def _attention(cfg, q, k, v, alpha, q_len, kv_len, q_seg, kv_seg, alibi):
+    (out, *_), stats = forward(cfg, alpha, q_len, kv_len, q, k, v, q_seg, kv_seg, alibi, with_residual=False)
     return out, _public_stats(stats)
 
 
-def _attention_fwd(cfg, q, k, v, alpha, q_len, kv_len, q_seg, kv_seg):
+def _attention_fwd(cfg, q, k, v, alpha, q_len, kv_len, q_seg, kv_seg, alibi):
     # symbolic_zeros=True: every primal comes wrapped with a `perturbed` flag. The α-gradient
     # terms of the dQ kernel are computed only when α is actually differentiated (learned α),
     # not when it is merely traced (e.g. annealed inside a jitted train step).
     alpha_grad = cfg.alpha_static is None and alpha.perturbed
-    q, k, v, alpha, q_len, kv_len, q_seg, kv_seg = jax.tree.map(
-        lambda a: a.value, (q, k, v, alpha, q_len, kv_len, q_seg, kv_seg),
+    q, k, v, alpha, q_len, kv_len, q_seg, kv_seg, alibi = jax.tree.map(
+        lambda a: a.value, (q, k, v, alpha, q_len, kv_len, q_seg, kv_seg, alibi),
         is_leaf=lambda a: isinstance(a, jax.custom_derivatives.CustomVJPPrimal))
-    (out, out_tilde, *_), stats = forward(cfg, alpha, q_len, kv_len, q, k, v, q_seg, kv_seg, with_residual=True)
-    residuals = (q, k, v, alpha, q_len, kv_len, q_seg, kv_seg, out_tilde,
+    (out, out_tilde, *_), stats = forward(cfg, alpha, q_len, kv_len, q, k, v, q_seg, kv_seg, alibi, with_residual=True)
+    residuals = (q, k, v, alpha, q_len, kv_len, q_seg, kv_seg, alibi, out_tilde,
                  {key: stats[key] for key in ("tau", "row_max", "norm", "inv_norm", "block_mask", "q_counts", "q_lists")},
                  jnp.zeros(()) if alpha_grad else None)
     return (out, _public_stats(stats)), residuals
 
 
 def _attention_bwd(cfg, residuals, cotangents):
-    q, k, v, alpha, q_len, kv_len, q_seg, kv_seg, out_tilde, stats, alpha_grad_flag = residuals
+    q, k, v, alpha, q_len, kv_len, q_seg, kv_seg, alibi, out_tilde, stats, alpha_grad_flag = residuals
     d_out = cotangents[0]
     if isinstance(d_out, jax.custom_derivatives.SymbolicZero):
         d_out = jnp.zeros(d_out.shape, d_out.dtype)
     with_alpha_grad = alpha_grad_flag is not None
     (dk, dv, *_), (dq, *rest), _ = backward(
-        cfg, alpha, q_len, kv_len, q, k, v, q_seg, kv_seg, stats, out_tilde, d_out, with_alpha_grad
+        cfg, alpha, q_len, kv_len, q, k, v, q_seg, kv_seg, alibi, stats, out_tilde, d_out, with_alpha_grad
     )
     d_alpha = jnp.sum(rest[0], axis=(0, 2)) if with_alpha_grad else jnp.zeros_like(alpha)
-    return dq, dk, dv, d_alpha, None, None, None, None
+    return dq, dk, dv, d_alpha, None, None, None, None, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd, symbolic_zeros=True)
@@ -113,7 +113,9 @@ def kernel_inputs(cfg: KernelConfig, inp: AttentionInputs):
         alpha = jnp.full((cfg.num_heads,), inp.alpha, jnp.float32)
     else:
         alpha = inp.alpha.astype(jnp.float32)
-    return q, k, v, alpha, q_len, kv_len, q_seg, kv_seg
+    # ALiBi slopes in raw-score units (the kernels add −slope/scale·|i − j| to q·kᵀ).
+    alibi = None if inp.alibi_slopes is None else inp.alibi_slopes.astype(jnp.float32) / cfg.scale
+    return q, k, v, alpha, q_len, kv_len, q_seg, kv_seg, alibi
 
 
 def pallas_attention(

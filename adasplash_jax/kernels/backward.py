@@ -13,13 +13,14 @@ from jax.experimental import pallas as pl
 from adasplash_jax.entmax import alpha_grad_from_row_sums
 from adasplash_jax.kernels.config import MASKED, KernelConfig
 from adasplash_jax.kernels.specs import block_specs, call, segment_specs
-from adasplash_jax.kernels.tiles import (RowContext, alpha_of, dot, interior_query_blocks, list_slots_below,
-                                         load_segment, split_loop, tile_powers)
+from adasplash_jax.kernels.tiles import (RowContext, alibi_slope_of, alibi_tile, alpha_of, dot,
+                                         interior_query_blocks, list_slots_below, load_segment, query_positions,
+                                         split_loop, tile_powers)
 from adasplash_jax.tiling import active_block_lists, pad_axis, transposed_block_mask
 
 
 def _dkdv_kernel(
-    alpha_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, q_segment_ref, kv_segment_ref,
+    alpha_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, q_segment_ref, kv_segment_ref, alibi_ref,
     tau_ref, row_max_ref, inv_norm_ref, u_scale_ref, delta_ref, count_ref, list_ref,
     dk_ref, dv_ref, *debug_refs,
     cfg: KernelConfig,
@@ -45,6 +46,8 @@ def _dkdv_kernel(
             q = q_ref[rows, g, :]
             do = do_ref[rows, g, :]
             d = dot(cfg, q, k, trans_b=True)
+            if cfg.has_alibi:
+                d = d + alibi_tile(cfg, alibi_ref[g], query_positions(cfg, i), kv_block)
             if masked:
                 row = RowContext(cfg, i, q_len, kv_len, load_segment(q_segment_ref, i * cfg.block_q, cfg.block_q))
                 d = jnp.where(row.keep(kv_block, kv_segment_ref), d, MASKED)
@@ -71,7 +74,7 @@ def _dkdv_kernel(
 
 
 def _dq_kernel(
-    alpha_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, q_segment_ref, kv_segment_ref,
+    alpha_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, q_segment_ref, kv_segment_ref, alibi_ref,
     tau_ref, row_max_ref, inv_norm_ref, u_scale_ref, delta_ref, count_ref, list_ref,
     dq_ref, *extra_refs,
     cfg: KernelConfig, with_alpha_grad: bool,
@@ -81,7 +84,8 @@ def _dq_kernel(
     q = q_ref[...]
     do = do_ref[...]
     row = RowContext(cfg, q_block, q_len_ref[...], kv_len_ref[...],
-                     load_segment(q_segment_ref, q_block * cfg.block_q, cfg.block_q))
+                     load_segment(q_segment_ref, q_block * cfg.block_q, cfg.block_q),
+                     alibi_slope_of(cfg, alibi_ref, 0))
     tau, row_max, inv_norm, u_scale, delta = (tau_ref[...], row_max_ref[...], inv_norm_ref[...], u_scale_ref[...],
                                               delta_ref[...])
 
@@ -129,7 +133,7 @@ def backward_in_specs(cfg: KernelConfig, sp, list_width: int):
             *segment_specs(cfg, sp), *[sp["row"]] * 5, sp["block_scalar"], sp["block_list"](list_width)]
 
 
-def backward(cfg: KernelConfig, alpha, q_len, kv_len, q, k, v, q_seg, kv_seg, stats, out_tilde, d_out,
+def backward(cfg: KernelConfig, alpha, q_len, kv_len, q, k, v, q_seg, kv_seg, alibi, stats, out_tilde, d_out,
               with_alpha_grad: bool):
     B, N, K = q.shape[0], cfg.num_heads, cfg.num_kv_heads
     d_out = d_out.astype(q.dtype)
@@ -158,7 +162,7 @@ def backward(cfg: KernelConfig, alpha, q_len, kv_len, q, k, v, q_seg, kv_seg, st
         out_specs,
         out_shape,
         "entmax_attention_dkdv",
-    )(alpha, q_len, kv_len, q, k, v, d_out, q_seg, kv_seg, *row_inputs, kv_counts, kv_lists)
+    )(alpha, q_len, kv_len, q, k, v, d_out, q_seg, kv_seg, alibi, *row_inputs, kv_counts, kv_lists)
 
     # dQ (and the α-gradient row terms): grid over query blocks, looping over active key blocks.
     sp = block_specs(cfg, "q")
@@ -178,7 +182,7 @@ def backward(cfg: KernelConfig, alpha, q_len, kv_len, q, k, v, q_seg, kv_seg, st
         out_specs,
         out_shape,
         "entmax_attention_dq",
-    )(alpha, q_len, kv_len, q, k, v, d_out, q_seg, kv_seg, *row_inputs, stats["q_counts"], stats["q_lists"])
+    )(alpha, q_len, kv_len, q, k, v, d_out, q_seg, kv_seg, alibi, *row_inputs, stats["q_counts"], stats["q_lists"])
     return dkdv, dq_outs, (kv_counts, kv_lists)
 
 

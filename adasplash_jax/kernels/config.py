@@ -82,6 +82,7 @@ class KernelConfig:
     scale: float
     alpha_static: float | None
     has_segments: bool
+    has_alibi: bool
     exact_dots: bool
     interpret: bool
     debug: bool
@@ -170,8 +171,9 @@ def unsupported_reason(inp: AttentionInputs) -> str | None:
             "is_causal, query_seq_lengths, key_value_seq_lengths, local_window_size or segment_ids, or use "
             "implementation='xla'"
         )
-    if inp.bias is not None or inp.alibi_slopes is not None:
-        return "`bias` and `alibi_slopes` are not supported by implementation='pallas' yet; use implementation='xla'"
+    if inp.bias is not None:
+        return ("a dense `bias` is not supported by implementation='pallas' yet (`alibi_slopes` is); use "
+                "implementation='xla'")
     return None
 
 
@@ -192,7 +194,8 @@ def make_config(inp: AttentionInputs, block_sizes: BlockSizes | None, interpret:
         n_iter=bs.solver_passes(), adaptive=bs.n_iter is None, causal=inp.is_causal, window=inp.window,
         scale=inp.scale,
         alpha_static=alpha_static,
-        has_segments=inp.q_segment_ids is not None or inp.mask is not None, exact_dots=dtype == jnp.float32,
+        has_segments=inp.q_segment_ids is not None or inp.mask is not None, has_alibi=inp.alibi_slopes is not None,
+        exact_dots=dtype == jnp.float32,
         interpret=_resolve_interpret(interpret), debug=debug, count_nonzero=count_nonzero,
     )
 

@@ -18,11 +18,11 @@ def tile_visits(inp: AttentionInputs, d_out, *, block_sizes: BlockSizes | None =
     ``block_mask`` [B, N, nq, nk]. Skipping is real when the visits equal the mask's counts.
     """
     cfg = make_config(inp, block_sizes, interpret, debug=True)
-    q, k, v, alpha, q_len, kv_len, q_seg, kv_seg = kernel_inputs(cfg, inp)
-    (out, out_tilde, fwd_visits), stats = forward(cfg, alpha, q_len, kv_len, q, k, v, q_seg, kv_seg, True)
+    q, k, v, alpha, q_len, kv_len, q_seg, kv_seg, alibi = kernel_inputs(cfg, inp)
+    (out, out_tilde, fwd_visits), stats = forward(cfg, alpha, q_len, kv_len, q, k, v, q_seg, kv_seg, alibi, True)
     d_out = pad_axis(pad_axis(d_out, 1, cfg.q_len_padded), 3, cfg.head_dim_padded)
     (_, _, dkdv_visits), (_, *rest), _ = backward(
-        cfg, alpha, q_len, kv_len, q, k, v, q_seg, kv_seg, stats, out_tilde, d_out, False
+        cfg, alpha, q_len, kv_len, q, k, v, q_seg, kv_seg, alibi, stats, out_tilde, d_out, False
     )
     return dict(forward=fwd_visits, dkdv=dkdv_visits, dq=rest[0], block_mask=stats["block_mask"])
 

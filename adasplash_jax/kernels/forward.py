@@ -16,13 +16,13 @@ from jax.experimental import pallas as pl
 from adasplash_jax.kernels.config import KernelConfig
 from adasplash_jax.kernels.specs import block_specs, call, segment_specs
 from adasplash_jax.kernels.threshold import thresholds
-from adasplash_jax.kernels.tiles import (RowContext, alpha_of, dot, list_slots_below, load_segment, split_loop,
-                                         tile_powers)
+from adasplash_jax.kernels.tiles import (RowContext, alibi_slope_of, alpha_of, dot, list_slots_below, load_segment,
+                                         split_loop, tile_powers)
 from adasplash_jax.tiling import active_block_lists, pad_axis
 
 
 def _forward_kernel(
-    alpha_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, q_segment_ref, kv_segment_ref,
+    alpha_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, q_segment_ref, kv_segment_ref, alibi_ref,
     tau_ref, row_max_ref, count_ref, list_ref,
     out_ref, norm_ref, *extra_refs,
     cfg: KernelConfig, with_residual: bool,
@@ -31,7 +31,8 @@ def _forward_kernel(
     alpha = alpha_of(cfg, alpha_ref, 0)
     q = q_ref[...]
     row = RowContext(cfg, q_block, q_len_ref[...], kv_len_ref[...],
-                     load_segment(q_segment_ref, q_block * cfg.block_q, cfg.block_q))
+                     load_segment(q_segment_ref, q_block * cfg.block_q, cfg.block_q),
+                     alibi_slope_of(cfg, alibi_ref, 0))
     tau, row_max = tau_ref[...], row_max_ref[...]
     hp = cfg.head_dim_padded
 
@@ -72,9 +73,9 @@ def _forward_kernel(
         extra.pop(0)[...] = count  # tiles visited by this program (the loop ran `count` times)
 
 
-def forward(cfg: KernelConfig, alpha, q_len, kv_len, q, k, v, q_seg, kv_seg, with_residual: bool):
+def forward(cfg: KernelConfig, alpha, q_len, kv_len, q, k, v, q_seg, kv_seg, alibi, with_residual: bool):
     B, N = q.shape[0], cfg.num_heads
-    tau, row_max, allowed, block_mask = thresholds(cfg, alpha, q_len, kv_len, q, k, q_seg, kv_seg)
+    tau, row_max, allowed, block_mask = thresholds(cfg, alpha, q_len, kv_len, q, k, q_seg, kv_seg, alibi)
     q_counts, q_lists = active_block_lists(pad_axis(block_mask, -1, cfg.kv_blocks_padded))
     sp = block_specs(cfg, "q")
     row_shape = jax.ShapeDtypeStruct((B, N, cfg.q_len_padded), jnp.float32)
@@ -99,7 +100,7 @@ def forward(cfg: KernelConfig, alpha, q_len, kv_len, q, k, v, q_seg, kv_seg, wit
         out_specs,
         out_shape,
         "entmax_attention_forward",
-    )(alpha, q_len, kv_len, q, k, v, q_seg, kv_seg, tau, row_max, q_counts, q_lists)
+    )(alpha, q_len, kv_len, q, k, v, q_seg, kv_seg, alibi, tau, row_max, q_counts, q_lists)
     out, norm, *outs = outs
     nonzero = outs.pop(0) if cfg.count_nonzero else jnp.zeros_like(allowed)
     outs = [out, *outs]

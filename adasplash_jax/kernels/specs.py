@@ -39,9 +39,9 @@ def block_specs(cfg: KernelConfig, grid_over: str):
 
 
 def segment_specs(cfg, specs):
-    if not cfg.has_segments:
-        return [None, None]
-    return [specs["q_segment"], specs["kv_segment"]]
+    """Specs of the optional position inputs: query and key segment ids, ALiBi slopes (None when absent)."""
+    segments = [specs["q_segment"], specs["kv_segment"]] if cfg.has_segments else [None, None]
+    return segments + [specs["alpha"] if cfg.has_alibi else None]
 
 
 def call(kernel, cfg, grid, in_specs, out_specs, out_shape, name):

@@ -18,13 +18,13 @@ from jax.experimental import pallas as pl
 
 from adasplash_jax.kernels.config import MASKED, KernelConfig
 from adasplash_jax.kernels.specs import block_specs, call, segment_specs
-from adasplash_jax.kernels.tiles import (RowContext, alpha_of, load_segment, powers, split_loop, tile_x,
-                                         x_multiplier)
+from adasplash_jax.kernels.tiles import (RowContext, alibi_slope_of, alpha_of, load_segment, powers, split_loop,
+                                         tile_x, x_multiplier)
 from adasplash_jax.solver import TOL, no_progress, solver_step, threshold_bracket
 
 
 def _threshold_kernel(
-    alpha_ref, q_len_ref, kv_len_ref, q_ref, k_ref, q_segment_ref, kv_segment_ref,
+    alpha_ref, q_len_ref, kv_len_ref, q_ref, k_ref, q_segment_ref, kv_segment_ref, alibi_ref,
     tau_ref, row_max_ref, allowed_ref, block_mask_ref,
     *, cfg: KernelConfig,
 ):
@@ -32,7 +32,8 @@ def _threshold_kernel(
     alpha = alpha_of(cfg, alpha_ref, 0)
     q = q_ref[...]
     row = RowContext(cfg, q_block, q_len_ref[...], kv_len_ref[...],
-                     load_segment(q_segment_ref, q_block * cfg.block_q, cfg.block_q))
+                     load_segment(q_segment_ref, q_block * cfg.block_q, cfg.block_q),
+                     alibi_slope_of(cfg, alibi_ref, 0))
     first_block, num_blocks = row.key_block_range()
     interior = row.interior_end()
     x_mult = x_multiplier(cfg, alpha)
@@ -143,7 +144,7 @@ def _threshold_kernel(
     block_mask_ref[...] = bits
 
 
-def thresholds(cfg: KernelConfig, alpha, q_len, kv_len, q, k, q_seg, kv_seg):
+def thresholds(cfg: KernelConfig, alpha, q_len, kv_len, q, k, q_seg, kv_seg, alibi):
     B, N = q.shape[0], cfg.num_heads
     sp = block_specs(cfg, "q")
     f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
@@ -156,7 +157,7 @@ def thresholds(cfg: KernelConfig, alpha, q_len, kv_len, q, k, q_seg, kv_seg):
         [sp["row"]] * 3 + [sp["block_list"](cfg.kv_blocks_padded)],
         [row_shape] * 3 + [jax.ShapeDtypeStruct((B, N, cfg.num_q_blocks, cfg.kv_blocks_padded), jnp.int32)],
         "entmax_threshold",
-    )(alpha, q_len, kv_len, q, k, q_seg, kv_seg)
+    )(alpha, q_len, kv_len, q, k, q_seg, kv_seg, alibi)
     tau, row_max, allowed, block_mask = outs
     return tau, row_max, allowed, block_mask[..., : cfg.num_kv_blocks]
 

@@ -26,13 +26,14 @@ def dot(cfg: KernelConfig, a, b, *, trans_a=False, trans_b=False):
 class RowContext:
     """Per-row (query) context loaded once per query block: positions, lengths, segments."""
 
-    def __init__(self, cfg: KernelConfig, q_block, q_len, kv_len, q_segment):
+    def __init__(self, cfg: KernelConfig, q_block, q_len, kv_len, q_segment, alibi_slope=None):
         self.cfg = cfg
         self.q_start = q_block * cfg.block_q
-        self.q_pos = (self.q_start + jnp.arange(cfg.block_q, dtype=jnp.int32))[:, None]
+        self.q_pos = query_positions(cfg, q_block)
         self.q_len = q_len
         self.kv_len = kv_len
         self.q_segment = None if q_segment is None else q_segment[:, None]
+        self.alibi_slope = alibi_slope  # per head, in raw-score units (slope / scale), or None
 
     def key_block_range(self):
         """(first, end) key blocks this query block can see at all: up to the causal diagonal and
@@ -83,10 +84,28 @@ class RowContext:
         cfg = self.cfg
         k = k_ref[pl.ds(kv_block * cfg.block_k, cfg.block_k), :]
         d = dot(cfg, q, k, trans_b=True)
+        if self.alibi_slope is not None:
+            d = d + alibi_tile(cfg, self.alibi_slope, self.q_pos, kv_block)
         if not masked:
             return d, None, k
         keep = self.keep(kv_block, kv_segment_ref)
         return jnp.where(keep, d, MASKED), keep, k
+
+
+def query_positions(cfg: KernelConfig, q_block):
+    """Positions [block_q, 1] of the queries of a query block."""
+    return (q_block * cfg.block_q + jnp.arange(cfg.block_q, dtype=jnp.int32))[:, None]
+
+
+def alibi_tile(cfg: KernelConfig, slope, q_pos, kv_block):
+    """The ALiBi bias −slope·|i − j| of one tile, computed from positions (never a [T, S] tensor);
+    ``slope`` is in raw-score units (divided by the score scale)."""
+    kv_pos = (kv_block * cfg.block_k + jnp.arange(cfg.block_k, dtype=jnp.int32))[None, :]
+    return -slope * jnp.abs(q_pos - kv_pos).astype(jnp.float32)
+
+
+def alibi_slope_of(cfg: KernelConfig, alibi_ref, index):
+    return alibi_ref[index] if cfg.has_alibi else None
 
 
 def interior_key_blocks(cfg: KernelConfig, q_start, q_len, kv_len):
