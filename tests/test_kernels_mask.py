@@ -47,8 +47,8 @@ def kernel_state(q, k, v, alpha, scale, causal):
     inp = check_attention_inputs(q, k, v, alpha=alpha, mask=None, is_causal=causal, scale=scale,
                                  query_seq_lengths=None, key_value_seq_lengths=None, segment_ids=None)
     cfg = make_config(inp, SMALL, None, count_nonzero=True)
-    qp, kp, vp, a, q_len, kv_len, q_seg, kv_seg = kernel_inputs(cfg, inp)
-    (out, *_), stats = forward(cfg, a, q_len, kv_len, qp, kp, vp, q_seg, kv_seg, with_residual=False)
+    qp, kp, vp, a, q_len, kv_len, q_seg, kv_seg, alibi = kernel_inputs(cfg, inp)
+    (out, *_), stats = forward(cfg, a, q_len, kv_len, qp, kp, vp, q_seg, kv_seg, alibi, with_residual=False)
     return out[:, :T], {key: stats[key] for key in ("tau", "row_max", "norm", "nonzero", "block_mask")}
 
 
