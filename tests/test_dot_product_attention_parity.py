@@ -138,6 +138,7 @@ def test_alibi_slopes_equal_an_explicit_bias():
                                    entmax_attention(q, k, v, bias, alpha=alpha), atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kw", [dict(local_window_size=(3, 1)), dict(local_window_size=2, is_causal=True)])
 def test_window_pallas_equals_xla_values_and_gradients(kw):
     q, k, v = qkv(T=40, S=40, seed=12)
@@ -194,6 +195,7 @@ def test_window_tiles_outside_the_band_are_never_visited():
     np.testing.assert_array_equal(visits["dkdv"], mask.sum(-2))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("causal", [False, True])
 def test_alibi_pallas_equals_xla_values_and_gradients(causal):
     q, k, v = qkv(T=40, S=40, N=4, K=2, seed=16)

@@ -9,9 +9,12 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from models import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+
+pytestmark = pytest.mark.slow  # whole models through the Pallas kernels in interpret mode
 
 
 # The "tiny" presets made smaller still (vocab 128, 64 positions, width 32): interpret mode is slow.

@@ -15,6 +15,8 @@ from hypothesis import strategies as st
 
 from adasplash_jax import ALPHA_MIN, entmax, entmax_attention
 
+pytestmark = pytest.mark.slow  # hypothesis sweeps, the Pallas one in interpret mode
+
 SETTINGS = dict(max_examples=40, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # each test runs the training command line in a subprocess
+
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--seq-len", "32", "--batch-size", "8", "--warmup-steps", "2", "--eval-batches", "1"]
 

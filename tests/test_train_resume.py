@@ -16,6 +16,8 @@ from train.config import make_config
 from train.tasks import make_task, sparsity
 from train.trainer import make_mesh, run, state_shardings
 
+pytestmark = pytest.mark.slow  # interrupted and resumed training runs
+
 QUIET = dict(log=lambda *_: None)
 TIMING = ("tokens_per_s", "elapsed_s")
 
