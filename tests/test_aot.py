@@ -23,7 +23,7 @@ from adasplash_jax import aot
 from adasplash_jax.aot import Variant
 from adasplash_jax.aot.sass import innermost_loops, parse_ptxas
 
-pytestmark = pytest.mark.aot
+pytestmark = [pytest.mark.aot, pytest.mark.slow]  # every kernel variant through XLA's Triton and ptxas
 
 TARGETS = ("sm_80", "sm_90")
 # ADASPLASH_AOT_FULL=1: the full fp16 product too (about twice the compile time).
@@ -47,38 +47,22 @@ def _need_tools():
 
 
 # The bf16/fp16 kernels that spill registers today (2026-12-01: ptxas 13.5, jaxlib 0.10.2's Triton,
-# default BlockSizes), from the full matrix (python -m adasplash_jax.aot --matrix full): dK/dV on
-# sm_80 at d = 64 (4-8 B) and 128 (16 B); learned-α dQ on both targets (sm_80 92-124 B, sm_90
-# 4-108 B); the τ kernel on sm_80 with general α (traced or 1.8) at d = 64/128 (4 B) and α = 2 at
-# d = 256 non-causal (8 B); the training forward on sm_80 at d = 128, α = 2, non-causal (12 B).
-# Strict xfails: the kernel change that stops one spilling must delete its line.
+# default BlockSizes), measured on the default matrix after the lean-tile kernels and the adaptive
+# τ loop landed: the τ kernel now spills on sm_80 in most variants (d = 32–256, 4–32 B), dK/dV on
+# sm_80, learned-α dQ on both targets, the training forward on sm_80 at α = 2 and a few d = 256
+# forwards on sm_90. Entries for variants only in the full matrix (ADASPLASH_AOT_FULL=1) date from
+# before those changes and are not re-measured by default. Strict xfails: the kernel change that
+# stops one spilling must delete its line.
 SPILL_TODAY = {
-    # dkdv on sm_80: 40
-    "d64-bf16-causal-a1.5-L16384:dkdv:sm_80",
-    "d64-bf16-causal-a1.5-L4096:dkdv:sm_80",
-    "d64-bf16-causal-a1.8-L4096:dkdv:sm_80",
-    "d64-bf16-causal-a2-L4096:dkdv:sm_80",
-    "d64-bf16-causal-ahead-L4096:dkdv:sm_80",
-    "d64-bf16-causal-alearned-L4096:dkdv:sm_80",
-    "d64-bf16-full-a1.8-L4096:dkdv:sm_80",
-    "d64-bf16-full-ahead-L4096:dkdv:sm_80",
-    "d64-bf16-full-alearned-L4096:dkdv:sm_80",
-    "d64-fp16-causal-a1.5-L4096:dkdv:sm_80",
-    "d64-fp16-causal-a1.8-L4096:dkdv:sm_80",
-    "d64-fp16-causal-a2-L4096:dkdv:sm_80",
-    "d64-fp16-causal-ahead-L4096:dkdv:sm_80",
-    "d64-fp16-causal-alearned-L4096:dkdv:sm_80",
-    "d64-fp16-full-a1.8-L4096:dkdv:sm_80",
-    "d64-fp16-full-ahead-L4096:dkdv:sm_80",
-    "d64-fp16-full-alearned-L4096:dkdv:sm_80",
+    # dkdv on sm_80: 47
     "d128-bf16-causal-a1.5-L16384:dkdv:sm_80",
-    "d128-bf16-causal-a1.5-L4096:dkdv:sm_80",
     "d128-bf16-causal-a1.5-L4096-gqa8:2:dkdv:sm_80",
+    "d128-bf16-causal-a1.5-L4096:dkdv:sm_80",
     "d128-bf16-causal-a1.8-L4096:dkdv:sm_80",
     "d128-bf16-causal-a2-L4096:dkdv:sm_80",
     "d128-bf16-causal-ahead-L4096:dkdv:sm_80",
-    "d128-bf16-causal-alearned-L4096:dkdv:sm_80",
     "d128-bf16-causal-alearned-L4096-gqa8:2:dkdv:sm_80",
+    "d128-bf16-causal-alearned-L4096:dkdv:sm_80",
     "d128-bf16-full-a1.5-L4096:dkdv:sm_80",
     "d128-bf16-full-a1.8-L4096:dkdv:sm_80",
     "d128-bf16-full-a2-L4096:dkdv:sm_80",
@@ -94,37 +78,71 @@ SPILL_TODAY = {
     "d128-fp16-full-a2-L4096:dkdv:sm_80",
     "d128-fp16-full-ahead-L4096:dkdv:sm_80",
     "d128-fp16-full-alearned-L4096:dkdv:sm_80",
-    # dq on sm_80: 14
-    "d32-bf16-causal-alearned-L4096:dq:sm_80",
-    "d32-bf16-full-alearned-L4096:dq:sm_80",
-    "d32-fp16-causal-alearned-L4096:dq:sm_80",
-    "d32-fp16-full-alearned-L4096:dq:sm_80",
-    "d64-bf16-causal-alearned-L4096:dq:sm_80",
-    "d64-bf16-causal-alearned-L4096-gqa8:2:dq:sm_80",
-    "d64-bf16-full-alearned-L4096:dq:sm_80",
-    "d64-fp16-causal-alearned-L4096:dq:sm_80",
-    "d64-fp16-full-alearned-L4096:dq:sm_80",
-    "d128-bf16-causal-alearned-L4096:dq:sm_80",
+    "d32-bf16-full-a1.8-L4096:dkdv:sm_80",
+    "d32-bf16-full-ahead-L4096:dkdv:sm_80",
+    "d32-bf16-full-alearned-L4096:dkdv:sm_80",
+    "d64-bf16-causal-a1.5-L16384:dkdv:sm_80",
+    "d64-bf16-causal-a1.5-L4096-gqa8:2:dkdv:sm_80",
+    "d64-bf16-causal-a1.5-L4096:dkdv:sm_80",
+    "d64-bf16-causal-a1.8-L4096:dkdv:sm_80",
+    "d64-bf16-causal-a2-L4096:dkdv:sm_80",
+    "d64-bf16-causal-ahead-L4096:dkdv:sm_80",
+    "d64-bf16-causal-alearned-L4096-gqa8:2:dkdv:sm_80",
+    "d64-bf16-causal-alearned-L4096:dkdv:sm_80",
+    "d64-bf16-full-a1.5-L4096:dkdv:sm_80",
+    "d64-bf16-full-a1.8-L4096:dkdv:sm_80",
+    "d64-bf16-full-a2-L4096:dkdv:sm_80",
+    "d64-bf16-full-ahead-L4096:dkdv:sm_80",
+    "d64-bf16-full-alearned-L4096:dkdv:sm_80",
+    "d64-fp16-causal-a1.5-L4096:dkdv:sm_80",
+    "d64-fp16-causal-a1.8-L4096:dkdv:sm_80",
+    "d64-fp16-causal-a2-L4096:dkdv:sm_80",
+    "d64-fp16-causal-ahead-L4096:dkdv:sm_80",
+    "d64-fp16-causal-alearned-L4096:dkdv:sm_80",
+    "d64-fp16-full-a1.8-L4096:dkdv:sm_80",
+    "d64-fp16-full-ahead-L4096:dkdv:sm_80",
+    "d64-fp16-full-alearned-L4096:dkdv:sm_80",
+    # dq on sm_80: 11
     "d128-bf16-causal-alearned-L4096-gqa8:2:dq:sm_80",
+    "d128-bf16-causal-alearned-L4096:dq:sm_80",
     "d128-bf16-full-alearned-L4096:dq:sm_80",
     "d128-fp16-causal-alearned-L4096:dq:sm_80",
     "d128-fp16-full-alearned-L4096:dq:sm_80",
-    # forward+res on sm_80: 2
-    "d128-bf16-full-a2-L4096:forward+res:sm_80",
+    "d32-fp16-full-alearned-L4096:dq:sm_80",
+    "d64-bf16-causal-alearned-L4096-gqa8:2:dq:sm_80",
+    "d64-bf16-causal-alearned-L4096:dq:sm_80",
+    "d64-bf16-full-alearned-L4096:dq:sm_80",
+    "d64-fp16-causal-alearned-L4096:dq:sm_80",
+    "d64-fp16-full-alearned-L4096:dq:sm_80",
+    # dq on sm_90: 11
+    "d128-bf16-causal-alearned-L4096-gqa8:2:dq:sm_90",
+    "d128-bf16-causal-alearned-L4096:dq:sm_90",
+    "d128-bf16-full-alearned-L4096:dq:sm_90",
+    "d128-fp16-causal-alearned-L4096:dq:sm_90",
+    "d128-fp16-full-alearned-L4096:dq:sm_90",
+    "d32-fp16-full-alearned-L4096:dq:sm_90",
+    "d64-bf16-causal-alearned-L4096-gqa8:2:dq:sm_90",
+    "d64-bf16-causal-alearned-L4096:dq:sm_90",
+    "d64-bf16-full-alearned-L4096:dq:sm_90",
+    "d64-fp16-causal-alearned-L4096:dq:sm_90",
+    "d64-fp16-full-alearned-L4096:dq:sm_90",
+    # forward on sm_90: 3
+    "d256-bf16-full-a1.8-L4096:forward:sm_90",
+    "d256-bf16-full-ahead-L4096:forward:sm_90",
+    "d256-bf16-full-alearned-L4096:forward:sm_90",
+    # forward+res on sm_80: 3
     "d128-fp16-full-a2-L4096:forward+res:sm_80",
-    # tau on sm_80: 22
-    "d64-bf16-causal-a1.8-L4096:tau:sm_80",
-    "d64-bf16-causal-ahead-L4096:tau:sm_80",
-    "d64-bf16-causal-alearned-L4096:tau:sm_80",
-    "d64-bf16-causal-alearned-L4096-gqa8:2:tau:sm_80",
-    "d64-fp16-causal-a1.8-L4096:tau:sm_80",
-    "d64-fp16-causal-ahead-L4096:tau:sm_80",
-    "d64-fp16-causal-alearned-L4096:tau:sm_80",
+    "d32-bf16-causal-a2-L4096:forward+res:sm_80",
+    "d32-bf16-full-a2-L4096:forward+res:sm_80",
+    # tau on sm_80: 39
     "d128-bf16-causal-a1.8-L4096:tau:sm_80",
+    "d128-bf16-causal-a2-L4096:tau:sm_80",
     "d128-bf16-causal-ahead-L4096:tau:sm_80",
-    "d128-bf16-causal-alearned-L4096:tau:sm_80",
     "d128-bf16-causal-alearned-L4096-gqa8:2:tau:sm_80",
+    "d128-bf16-causal-alearned-L4096:tau:sm_80",
+    "d128-bf16-full-a1.5-L4096:tau:sm_80",
     "d128-bf16-full-a1.8-L4096:tau:sm_80",
+    "d128-bf16-full-a2-L4096:tau:sm_80",
     "d128-bf16-full-ahead-L4096:tau:sm_80",
     "d128-bf16-full-alearned-L4096:tau:sm_80",
     "d128-fp16-causal-a1.8-L4096:tau:sm_80",
@@ -133,23 +151,31 @@ SPILL_TODAY = {
     "d128-fp16-full-a1.8-L4096:tau:sm_80",
     "d128-fp16-full-ahead-L4096:tau:sm_80",
     "d128-fp16-full-alearned-L4096:tau:sm_80",
-    "d256-bf16-full-a2-L4096:tau:sm_80",
+    "d256-bf16-causal-a1.5-L4096:tau:sm_80",
+    "d256-bf16-causal-ahead-L4096:tau:sm_80",
+    "d256-bf16-causal-alearned-L4096:tau:sm_80",
+    "d256-bf16-full-a1.5-L4096:tau:sm_80",
+    "d256-fp16-causal-a1.5-L4096:tau:sm_80",
+    "d256-fp16-causal-alearned-L4096:tau:sm_80",
     "d256-fp16-full-a2-L4096:tau:sm_80",
-    # dq on sm_90: 14
-    "d32-bf16-causal-alearned-L4096:dq:sm_90",
-    "d32-bf16-full-alearned-L4096:dq:sm_90",
-    "d32-fp16-causal-alearned-L4096:dq:sm_90",
-    "d32-fp16-full-alearned-L4096:dq:sm_90",
-    "d64-bf16-causal-alearned-L4096:dq:sm_90",
-    "d64-bf16-causal-alearned-L4096-gqa8:2:dq:sm_90",
-    "d64-bf16-full-alearned-L4096:dq:sm_90",
-    "d64-fp16-causal-alearned-L4096:dq:sm_90",
-    "d64-fp16-full-alearned-L4096:dq:sm_90",
-    "d128-bf16-causal-alearned-L4096:dq:sm_90",
-    "d128-bf16-causal-alearned-L4096-gqa8:2:dq:sm_90",
-    "d128-bf16-full-alearned-L4096:dq:sm_90",
-    "d128-fp16-causal-alearned-L4096:dq:sm_90",
-    "d128-fp16-full-alearned-L4096:dq:sm_90",
+    "d32-bf16-causal-a1.8-L4096:tau:sm_80",
+    "d32-bf16-causal-ahead-L4096:tau:sm_80",
+    "d32-bf16-causal-alearned-L4096:tau:sm_80",
+    "d32-bf16-full-ahead-L4096:tau:sm_80",
+    "d32-bf16-full-alearned-L4096:tau:sm_80",
+    "d32-fp16-causal-alearned-L4096:tau:sm_80",
+    "d64-bf16-causal-a1.5-L16384:tau:sm_80",
+    "d64-bf16-causal-a1.5-L4096-gqa8:2:tau:sm_80",
+    "d64-bf16-causal-a1.5-L4096:tau:sm_80",
+    "d64-bf16-full-a1.5-L4096:tau:sm_80",
+    "d64-bf16-full-a1.8-L4096:tau:sm_80",
+    "d64-bf16-full-ahead-L4096:tau:sm_80",
+    "d64-bf16-full-alearned-L4096:tau:sm_80",
+    "d64-fp16-causal-a1.5-L4096:tau:sm_80",
+    "d64-fp16-causal-a1.8-L4096:tau:sm_80",
+    "d64-fp16-causal-ahead-L4096:tau:sm_80",
+    # tau on sm_90: 1
+    "d256-bf16-full-a1.5-L4096:tau:sm_90",
 }
 
 
@@ -244,7 +270,9 @@ def test_sass_loops_counted(records, variant):
             r = _record(records, f"{variant.name}:{label}:{t}")
             assert r.loops, f"{r.id}: no innermost loop found"
             mma = "HMMA" if t == "sm_80" else "HGMMA"
-            assert r.sass_mma and all(lp.mma > 0 for lp in r.loops), f"{r.id}: a loop without {mma}"
+            # Kernels split into interior and boundary loops (and the τ kernel's adaptive solver
+            # loop) also have innermost loops without a matmul; each must have some with one.
+            assert r.sass_mma and any(lp.mma > 0 for lp in r.loops), f"{r.id}: no loop with {mma}"
             assert all(lp.instructions > lp.mma for lp in r.loops)
 
 
