@@ -102,7 +102,7 @@ def entmax_attention_with_stats(query, key, value, bias=None, mask=None, *, impl
 
 
 def _attend(query, key, value, bias, mask, kwargs, implementation, interpret, block_sizes, *, return_stats):
-    unbatched = getattr(query, "ndim", None) == 3
+    unbatched = all(getattr(t, "ndim", None) == 3 for t in (query, key, value))
     if unbatched:  # [T, N, H] like jax: a batch of one
         query, key, value = (None if t is None else jnp.asarray(t)[None] for t in (query, key, value))
     inp = check_attention_inputs(query, key, value, bias=bias, mask=mask, **kwargs)

@@ -143,7 +143,8 @@ def check_attention_inputs(
     for name, t in (("query", query), ("key", key), ("value", value)):
         if t.ndim != 4:
             raise ValueError(
-                f"`{name}` must have rank 4 [batch, length, heads, head_dim], got shape {t.shape}"
+                f"`{name}` must have rank 4 [batch, length, heads, head_dim] (or rank 3 without the batch, "
+                f"for query, key and value alike), got shape {t.shape}"
             )
         if not jnp.issubdtype(t.dtype, jnp.floating):
             raise ValueError(f"`{name}` must be a floating array, got dtype {t.dtype}")

@@ -213,6 +213,7 @@ def test_bad_arguments():
     _bad("q_len == kv_len", segment_ids=jnp.zeros((2, 6), jnp.int32))
     _bad(r"`segment_ids\[1\]`", segment_ids=(jnp.zeros((2, 6), jnp.int32), jnp.zeros((2, 6), jnp.int32)))
     _bad("`segment_ids`", segment_ids=(jnp.zeros((2, 6), jnp.int32),))
-    _bad("`scale`", scale=jnp.float32(0.5))
+    _bad("`scale`", scale=jnp.ones(2))  # an array scalar is fine, a vector is not
+    _bad("`scale`", scale="0.5")
     _bad("`is_causal`", is_causal=1)
     _bad("`implementation`", implementation="cudnn")
