@@ -13,7 +13,7 @@ from jax.experimental import pallas as pl
 from adasplash_jax.entmax import alpha_grad_from_row_sums
 from adasplash_jax.kernels.config import MASKED, KernelConfig
 from adasplash_jax.kernels.specs import block_specs, call, segment_specs
-from adasplash_jax.kernels.tiles import (RowContext, alibi_slope_of, alibi_tile, alpha_of, dot,
+from adasplash_jax.kernels.tiles import (RowContext, alibi_tile, alpha_of, dot,
                                          interior_query_blocks, list_slots_below, load_segment, query_positions,
                                          split_loop, tile_powers)
 from adasplash_jax.tiling import active_block_lists, pad_axis, transposed_block_mask
@@ -83,9 +83,7 @@ def _dq_kernel(
     alpha = alpha_of(cfg, alpha_ref, 0)
     q = q_ref[...]
     do = do_ref[...]
-    row = RowContext(cfg, q_block, q_len_ref[...], kv_len_ref[...],
-                     load_segment(q_segment_ref, q_block * cfg.block_q, cfg.block_q),
-                     alibi_slope_of(cfg, alibi_ref, 0))
+    row = RowContext.of_query_block(cfg, q_block, q_len_ref, kv_len_ref, q_segment_ref, alibi_ref)
     tau, row_max, inv_norm, u_scale, delta = (tau_ref[...], row_max_ref[...], inv_norm_ref[...], u_scale_ref[...],
                                               delta_ref[...])
 

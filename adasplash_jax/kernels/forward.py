@@ -16,7 +16,7 @@ from jax.experimental import pallas as pl
 from adasplash_jax.kernels.config import KernelConfig
 from adasplash_jax.kernels.specs import block_specs, call, segment_specs
 from adasplash_jax.kernels.threshold import thresholds
-from adasplash_jax.kernels.tiles import (RowContext, alibi_slope_of, alpha_of, dot, list_slots_below, load_segment,
+from adasplash_jax.kernels.tiles import (RowContext, alpha_of, dot, list_slots_below,
                                          split_loop, tile_powers)
 from adasplash_jax.tiling import active_block_lists, pad_axis
 
@@ -30,9 +30,7 @@ def _forward_kernel(
     q_block = pl.program_id(0)
     alpha = alpha_of(cfg, alpha_ref, 0)
     q = q_ref[...]
-    row = RowContext(cfg, q_block, q_len_ref[...], kv_len_ref[...],
-                     load_segment(q_segment_ref, q_block * cfg.block_q, cfg.block_q),
-                     alibi_slope_of(cfg, alibi_ref, 0))
+    row = RowContext.of_query_block(cfg, q_block, q_len_ref, kv_len_ref, q_segment_ref, alibi_ref)
     tau, row_max = tau_ref[...], row_max_ref[...]
     hp = cfg.head_dim_padded
 

@@ -18,7 +18,7 @@ from jax.experimental import pallas as pl
 
 from adasplash_jax.kernels.config import MASKED, KernelConfig
 from adasplash_jax.kernels.specs import block_specs, call, segment_specs
-from adasplash_jax.kernels.tiles import (RowContext, alibi_slope_of, alpha_of, load_segment, powers, split_loop,
+from adasplash_jax.kernels.tiles import (RowContext, alpha_of, powers, split_loop,
                                          tile_x, x_multiplier)
 from adasplash_jax.solver import TOL, no_progress, solver_step, threshold_bracket
 
@@ -31,9 +31,7 @@ def _threshold_kernel(
     q_block = pl.program_id(0)
     alpha = alpha_of(cfg, alpha_ref, 0)
     q = q_ref[...]
-    row = RowContext(cfg, q_block, q_len_ref[...], kv_len_ref[...],
-                     load_segment(q_segment_ref, q_block * cfg.block_q, cfg.block_q),
-                     alibi_slope_of(cfg, alibi_ref, 0))
+    row = RowContext.of_query_block(cfg, q_block, q_len_ref, kv_len_ref, q_segment_ref, alibi_ref)
     first_block, num_blocks = row.key_block_range()
     interior = row.interior_end()
     x_mult = x_multiplier(cfg, alpha)

@@ -35,6 +35,12 @@ class RowContext:
         self.q_segment = None if q_segment is None else q_segment[:, None]
         self.alibi_slope = alibi_slope  # per head, in raw-score units (slope / scale), or None
 
+    @classmethod
+    def of_query_block(cls, cfg: KernelConfig, q_block, q_len_ref, kv_len_ref, q_segment_ref, alibi_ref):
+        """The context of a kernel whose grid runs over query blocks (τ, forward, dQ): one head's row."""
+        return cls(cfg, q_block, q_len_ref[...], kv_len_ref[...],
+                   load_segment(q_segment_ref, q_block * cfg.block_q, cfg.block_q), alibi_slope_of(cfg, alibi_ref, 0))
+
     def key_block_range(self):
         """(first, end) key blocks this query block can see at all: up to the causal diagonal and
         the kv length, inside the local window."""
