@@ -47,11 +47,12 @@ def kernel_state(q, k, v, alpha, scale, causal):
     inp = check_attention_inputs(q, k, v, alpha=alpha, mask=None, is_causal=causal, scale=scale,
                                  query_seq_lengths=None, key_value_seq_lengths=None, segment_ids=None)
     cfg = make_config(inp, SMALL, None, count_nonzero=True)
-    qp, kp, vp, a, q_len, kv_len, q_seg, kv_seg, alibi = kernel_inputs(cfg, inp)
-    (out, *_), stats = forward(cfg, a, q_len, kv_len, qp, kp, vp, q_seg, kv_seg, alibi, with_residual=False)
+    qp, kp, vp, a, q_len, kv_len, tile_inputs = kernel_inputs(cfg, inp)
+    (out, *_), stats = forward(cfg, a, q_len, kv_len, qp, kp, vp, tile_inputs, with_residual=False)
     return out[:, :T], {key: stats[key] for key in ("tau", "row_max", "norm", "nonzero", "block_mask")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("alpha", [1.25, 1.5, 1.8, 2.0])
 @pytest.mark.parametrize("scale_factor,causal", [(0.01, False), (1.0, True), (100.0, False)])
 def test_block_mask_covers_the_support_at_the_final_tau(alpha, scale_factor, causal):
@@ -83,6 +84,7 @@ def test_block_mask_covers_the_support_at_the_final_tau(alpha, scale_factor, cau
     assert mask[..., : needed.shape[-1]].sum() <= needed.sum() + needed.size // 4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scale", [0.05, 0.3])
 @pytest.mark.parametrize("causal", [False, True])
 def test_sparsemax_near_uniform_rows_match_dense(scale, causal):

@@ -26,6 +26,8 @@ from adasplash_jax.inputs import AttentionInputs
 from adasplash_jax.kernels.backward import backward
 from adasplash_jax.kernels.config import BlockSizes, KernelConfig, make_config, padding_mask_axis
 from adasplash_jax.kernels.forward import forward
+from adasplash_jax.kernels.mask_info import dense_tile_inputs
+from adasplash_jax.kernels.tiles import TileInputs
 from adasplash_jax.tiling import pad_axis, sparsity_stats
 
 
@@ -33,37 +35,47 @@ from adasplash_jax.tiling import pad_axis, sparsity_stats
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(cfg, q, k, v, alpha, q_len, kv_len, q_seg, kv_seg, alibi):
-    (out, *_), stats = forward(cfg, alpha, q_len, kv_len, q, k, v, q_seg, kv_seg, alibi, with_residual=False)
+def _attention(cfg, q, k, v, alpha, q_len, kv_len, tile_inputs):
+    (out, *_), stats = forward(cfg, alpha, q_len, kv_len, q, k, v, tile_inputs, with_residual=False)
     return out, _public_stats(stats)
 
 
-def _attention_fwd(cfg, q, k, v, alpha, q_len, kv_len, q_seg, kv_seg, alibi):
+def _attention_fwd(cfg, q, k, v, alpha, q_len, kv_len, tile_inputs):
     # symbolic_zeros=True: every primal comes wrapped with a `perturbed` flag. The α-gradient
     # terms of the dQ kernel are computed only when α is actually differentiated (learned α),
-    # not when it is merely traced (e.g. annealed inside a jitted train step).
+    # not when it is merely traced (e.g. annealed inside a jitted train step); the bias gradient
+    # only when the bias is differentiated.
     alpha_grad = cfg.alpha_static is None and alpha.perturbed
-    q, k, v, alpha, q_len, kv_len, q_seg, kv_seg, alibi = jax.tree.map(
-        lambda a: a.value, (q, k, v, alpha, q_len, kv_len, q_seg, kv_seg, alibi),
+    bias_grad = tile_inputs.bias is not None and tile_inputs.bias.perturbed
+    q, k, v, alpha, q_len, kv_len, tile_inputs = jax.tree.map(
+        lambda a: a.value, (q, k, v, alpha, q_len, kv_len, tile_inputs),
         is_leaf=lambda a: isinstance(a, jax.custom_derivatives.CustomVJPPrimal))
-    (out, out_tilde, *_), stats = forward(cfg, alpha, q_len, kv_len, q, k, v, q_seg, kv_seg, alibi, with_residual=True)
-    residuals = (q, k, v, alpha, q_len, kv_len, q_seg, kv_seg, alibi, out_tilde,
+    (out, out_tilde, *_), stats = forward(cfg, alpha, q_len, kv_len, q, k, v, tile_inputs, with_residual=True)
+    residuals = (q, k, v, alpha, q_len, kv_len, tile_inputs, out_tilde,
                  {key: stats[key] for key in ("tau", "row_max", "norm", "inv_norm", "block_mask", "q_counts", "q_lists")},
-                 jnp.zeros(()) if alpha_grad else None)
+                 jnp.zeros(()) if alpha_grad else None, jnp.zeros(()) if bias_grad else None)
     return (out, _public_stats(stats)), residuals
 
 
 def _attention_bwd(cfg, residuals, cotangents):
-    q, k, v, alpha, q_len, kv_len, q_seg, kv_seg, alibi, out_tilde, stats, alpha_grad_flag = residuals
+    q, k, v, alpha, q_len, kv_len, tile_inputs, out_tilde, stats, alpha_grad_flag, bias_grad_flag = residuals
     d_out = cotangents[0]
     if isinstance(d_out, jax.custom_derivatives.SymbolicZero):
         d_out = jnp.zeros(d_out.shape, d_out.dtype)
-    with_alpha_grad = alpha_grad_flag is not None
+    with_alpha_grad, with_bias_grad = alpha_grad_flag is not None, bias_grad_flag is not None
     (dk, dv, *_), (dq, *rest), _ = backward(
-        cfg, alpha, q_len, kv_len, q, k, v, q_seg, kv_seg, alibi, stats, out_tilde, d_out, with_alpha_grad
+        cfg, alpha, q_len, kv_len, q, k, v, tile_inputs, stats, out_tilde, d_out, with_alpha_grad, with_bias_grad
     )
+    d_bias = None
+    if with_bias_grad:
+        d_bias = rest.pop(0)
+        # A bias shared over the batch or the heads gets the sum of their gradients.
+        batched, per_head = cfg.bias_layout
+        d_bias = jnp.sum(d_bias, axis=tuple(a for a, full in ((0, batched), (1, per_head)) if not full),
+                         keepdims=True).astype(tile_inputs.bias.dtype)
     d_alpha = jnp.sum(rest[0], axis=(0, 2)) if with_alpha_grad else jnp.zeros_like(alpha)
-    return dq, dk, dv, d_alpha, None, None, None, None, None
+    d_tile_inputs = TileInputs(*([None] * 5), d_bias)
+    return dq, dk, dv, d_alpha, None, None, d_tile_inputs
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd, symbolic_zeros=True)
@@ -82,9 +94,10 @@ def _segments_with_padding_mask(inp: AttentionInputs, B: int, T: int, S: int):
     """Segment ids [B, T], [B, S] that also encode a query or key padding mask (any padding side)."""
     q_seg = inp.q_segment_ids if inp.q_segment_ids is not None else jnp.zeros((B, T), jnp.int32)
     kv_seg = inp.kv_segment_ids if inp.kv_segment_ids is not None else jnp.zeros((B, S), jnp.int32)
-    if inp.mask is not None:
-        mask = inp.mask  # rank 4, validated by make_config to be a key or query padding mask
-        if padding_mask_axis(mask) == 3:
+    axis = None if inp.mask is None else padding_mask_axis(inp.mask)  # other masks go to the kernels dense
+    if axis is not None:
+        mask = inp.mask  # rank 4
+        if axis == 3:
             kv_seg = jnp.where(jnp.broadcast_to(mask[:, 0, 0, :], (B, S)), kv_seg, _MASKED_KEY_SEGMENT)
         else:
             q_seg = jnp.where(jnp.broadcast_to(mask[:, 0, :, 0], (B, T)), q_seg, _MASKED_QUERY_SEGMENT)
@@ -92,7 +105,9 @@ def _segments_with_padding_mask(inp: AttentionInputs, B: int, T: int, S: int):
 
 
 def kernel_inputs(cfg: KernelConfig, inp: AttentionInputs):
-    """Pads to whole blocks / power-of-two head_dim and folds padding into the lengths."""
+    """The kernels' arguments (q, k, v, α, q_len, kv_len, TileInputs): padded to whole blocks and a
+    power-of-two head_dim, padding folded into the lengths, padding masks into segment ids, a
+    dense mask and bias prepared by mask_info."""
     B = inp.query.shape[0]
     hp = cfg.head_dim_padded
     q = pad_axis(pad_axis(inp.query, 1, cfg.q_len_padded), 3, hp)
@@ -109,13 +124,16 @@ def kernel_inputs(cfg: KernelConfig, inp: AttentionInputs):
         q_seg, kv_seg = _segments_with_padding_mask(inp, B, cfg.q_len, cfg.kv_len)
         q_seg = pad_axis(q_seg, 1, cfg.q_len_padded, -1)
         kv_seg = pad_axis(kv_seg, 1, cfg.kv_len_padded, -2)
+    dense = dense_tile_inputs(inp.mask if cfg.mask_layout is not None else None, inp.bias, q_len=cfg.q_len,
+                              kv_len=cfg.kv_len, block_q=cfg.block_q, block_k=cfg.block_k,
+                              kv_blocks_padded=cfg.kv_blocks_padded)
     if isinstance(inp.alpha, float):
         alpha = jnp.full((cfg.num_heads,), inp.alpha, jnp.float32)
     else:
         alpha = inp.alpha.astype(jnp.float32)
     # ALiBi slopes in raw-score units (the kernels add −slope/scale·|i − j| to q·kᵀ).
     alibi = None if inp.alibi_slopes is None else inp.alibi_slopes.astype(jnp.float32) / cfg.scale
-    return q, k, v, alpha, q_len, kv_len, q_seg, kv_seg, alibi
+    return q, k, v, alpha, q_len, kv_len, TileInputs(q_seg, kv_seg, alibi, dense.mask, dense.kinds, dense.bias)
 
 
 def pallas_attention(

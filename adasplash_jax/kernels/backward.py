@@ -11,16 +11,16 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from adasplash_jax.entmax import alpha_grad_from_row_sums
-from adasplash_jax.kernels.config import MASKED, KernelConfig
-from adasplash_jax.kernels.specs import block_specs, call, segment_specs
-from adasplash_jax.kernels.tiles import (RowContext, alibi_tile, alpha_of, dot,
-                                         interior_query_blocks, list_slots_below, load_segment, query_positions,
-                                         split_loop, tile_powers)
+from adasplash_jax.kernels.config import KernelConfig
+from adasplash_jax.kernels.mask_info import transposed_kinds
+from adasplash_jax.kernels.specs import block_specs, call, tile_input_specs
+from adasplash_jax.kernels.tiles import (RowContext, TileInputs, alpha_of, dot, interior_query_blocks,
+                                         list_slots_below, split_loop, tile_powers)
 from adasplash_jax.tiling import active_block_lists, pad_axis, transposed_block_mask
 
 
 def _dkdv_kernel(
-    alpha_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, q_segment_ref, kv_segment_ref, alibi_ref,
+    alpha_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, refs: TileInputs,
     tau_ref, row_max_ref, inv_norm_ref, u_scale_ref, delta_ref, count_ref, list_ref,
     dk_ref, dv_ref, *debug_refs,
     cfg: KernelConfig,
@@ -45,12 +45,7 @@ def _dkdv_kernel(
             rows = pl.ds(i * cfg.block_q, cfg.block_q)
             q = q_ref[rows, g, :]
             do = do_ref[rows, g, :]
-            d = dot(cfg, q, k, trans_b=True)
-            if cfg.has_alibi:
-                d = d + alibi_tile(cfg, alibi_ref[g], query_positions(cfg, i), kv_block)
-            if masked:
-                row = RowContext(cfg, i, q_len, kv_len, load_segment(q_segment_ref, i * cfg.block_q, cfg.block_q))
-                d = jnp.where(row.keep(kv_block, kv_segment_ref), d, MASKED)
+            d, _ = RowContext(cfg, i, q_len, kv_len, refs, head=g).tile_scores(q, k, kv_block, masked)
             _, p0, p1 = tile_powers(cfg, alpha, d, tau_ref[g, rows], row_max_ref[g, rows])
             p = p0 * inv_norm_ref[g, rows][:, None]
             u = p1 * u_scale_ref[g, rows][:, None]
@@ -74,23 +69,27 @@ def _dkdv_kernel(
 
 
 def _dq_kernel(
-    alpha_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, q_segment_ref, kv_segment_ref, alibi_ref,
-    tau_ref, row_max_ref, inv_norm_ref, u_scale_ref, delta_ref, count_ref, list_ref,
-    dq_ref, *extra_refs,
-    cfg: KernelConfig, with_alpha_grad: bool,
+    alpha_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, refs: TileInputs,
+    tau_ref, row_max_ref, inv_norm_ref, u_scale_ref, delta_ref, count_ref, list_ref, *extra_refs,
+    cfg: KernelConfig, with_alpha_grad: bool, with_bias_grad: bool,
 ):
     q_block = pl.program_id(0)
     alpha = alpha_of(cfg, alpha_ref, 0)
     q = q_ref[...]
     do = do_ref[...]
-    row = RowContext.of_query_block(cfg, q_block, q_len_ref, kv_len_ref, q_segment_ref, alibi_ref)
+    extra = list(extra_refs)
+    if with_bias_grad:
+        extra.pop(0)  # the zero-filled input aliased to the bias gradient: active tiles are written over it
+    dq_ref = extra.pop(0)
+    bias_grad_ref = extra.pop(0) if with_bias_grad else None
+    row = RowContext.of_query_block(cfg, q_block, q_len_ref, kv_len_ref, refs)
     tau, row_max, inv_norm, u_scale, delta = (tau_ref[...], row_max_ref[...], inv_norm_ref[...], u_scale_ref[...],
                                               delta_ref[...])
 
     def body(t, masked, carry):
         dq, sums = carry
         j = list_ref[t]
-        d, _, k = row.scores(q, k_ref, j, kv_segment_ref, masked)
+        d, _, k = row.scores(q, k_ref, j, masked)
         _, p0, p1 = tile_powers(cfg, alpha, d, tau, row_max)
         p = p0 * inv_norm[:, None]
         u = p1 * u_scale[:, None]
@@ -98,6 +97,8 @@ def _dq_kernel(
         dp = dot(cfg, do, v, trans_b=True)
         ds = u * (dp - delta[:, None])
         dq = dq + dot(cfg, ds.astype(k.dtype), k)
+        if with_bias_grad:  # ds is dL/ds for the scaled score s = scale·q·kᵀ + bias
+            bias_grad_ref[:, pl.ds(j * cfg.block_k, cfg.block_k)] = ds
         if with_alpha_grad:
             # Row sums for dL/dα (see _alpha_grad_from_row_sums): Σu·s, Σp·log p, Σ dP·u·s, Σ dP·p·log p.
             s_on = jnp.where(p > 0, (d - row_max[:, None]) * cfg.scale, 0.0)  # shift-invariant; exact near the max
@@ -117,22 +118,23 @@ def _dq_kernel(
     interior = list_slots_below(list_ref[...], count, row.interior_end())
     dq, sums = split_loop(count, 0, interior, body, init)
     dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
-    extra = list(extra_refs)
     if with_alpha_grad:
         extra.pop(0)[...] = alpha_grad_from_row_sums(alpha, delta, *sums)
     if cfg.debug:
         extra.pop(0)[...] = count
 
 
-def backward_in_specs(cfg: KernelConfig, sp, list_width: int):
-    """Inputs of both backward kernels: α, lengths, q, k, v, dO, segments, τ, row max, 1/Σ, u scale, δ, count,
-    list."""
+def backward_in_specs(cfg: KernelConfig, sp, grid_over: str, list_width: int):
+    """Inputs of both backward kernels: α, lengths, q, k, v, dO, tile inputs, τ, row max, 1/Σ, u scale, δ,
+    count, list."""
     return [sp["alpha"], sp["batch_scalar"], sp["batch_scalar"], sp["q"], sp["kv"], sp["kv"], sp["q"],
-            *segment_specs(cfg, sp), *[sp["row"]] * 5, sp["block_scalar"], sp["block_list"](list_width)]
+            tile_input_specs(cfg, sp, grid_over), *[sp["row"]] * 5, sp["block_scalar"], sp["block_list"](list_width)]
 
 
-def backward(cfg: KernelConfig, alpha, q_len, kv_len, q, k, v, q_seg, kv_seg, alibi, stats, out_tilde, d_out,
-              with_alpha_grad: bool):
+def backward(cfg: KernelConfig, alpha, q_len, kv_len, q, k, v, tile_inputs: TileInputs, stats, out_tilde, d_out,
+             with_alpha_grad: bool, with_bias_grad: bool = False):
+    """(dK, dV[, dK/dV visits]), (dQ[, bias gradient [B, N, T_pad, S_pad] f32][, α row terms][, dQ visits]),
+    and the transposed block lists."""
     B, N, K = q.shape[0], cfg.num_heads, cfg.num_kv_heads
     d_out = d_out.astype(q.dtype)
     # δ_i = dO_i · Õ_i, per row, laid out [B, N, T] like τ.
@@ -146,6 +148,10 @@ def backward(cfg: KernelConfig, alpha, q_len, kv_len, q, k, v, q_seg, kv_seg, al
 
     # dK, dV: grid over key blocks, per kv head, looping over the group's heads' active query blocks.
     kv_counts, kv_lists = active_block_lists(transposed_block_mask(stats["block_mask"], cfg.q_blocks_padded))
+    kv_grid_inputs = tile_inputs
+    if tile_inputs.kinds is not None:
+        kv_grid_inputs = tile_inputs._replace(
+            kinds=transposed_kinds(tile_inputs.kinds, cfg.num_kv_blocks, cfg.q_blocks_padded))
     sp = block_specs(cfg, "kv")
     out_specs = [sp["kv_out"], sp["kv_out"]]
     out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
@@ -156,16 +162,28 @@ def backward(cfg: KernelConfig, alpha, q_len, kv_len, q, k, v, q_seg, kv_seg, al
         functools.partial(_dkdv_kernel, cfg=cfg),
         cfg,
         (cfg.num_kv_blocks, B, K),
-        backward_in_specs(cfg, sp, cfg.q_blocks_padded),
+        backward_in_specs(cfg, sp, "kv", cfg.q_blocks_padded),
         out_specs,
         out_shape,
         "entmax_attention_dkdv",
-    )(alpha, q_len, kv_len, q, k, v, d_out, q_seg, kv_seg, alibi, *row_inputs, kv_counts, kv_lists)
+    )(alpha, q_len, kv_len, q, k, v, d_out, kv_grid_inputs, *row_inputs, kv_counts, kv_lists)
 
     # dQ (and the α-gradient row terms): grid over query blocks, looping over active key blocks.
     sp = block_specs(cfg, "q")
+    in_specs = backward_in_specs(cfg, sp, "q", cfg.kv_blocks_padded)
+    inputs = [alpha, q_len, kv_len, q, k, v, d_out, tile_inputs, *row_inputs, stats["q_counts"], stats["q_lists"]]
     out_specs = [sp["q"]]
     out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
+    aliases = {}
+    if with_bias_grad:
+        # Inactive tiles get no gradient: the output starts from zeros (an aliased input).
+        bias_grad_spec = pl.BlockSpec((None, None, cfg.block_q, cfg.kv_len_padded), lambda i, b, n: (b, n, i, 0))
+        bias_grad_shape = (B, N, cfg.q_len_padded, cfg.kv_len_padded)
+        aliases = {len(jax.tree.leaves(inputs)): 1}
+        in_specs.append(bias_grad_spec)
+        inputs.append(jnp.zeros(bias_grad_shape, jnp.float32))
+        out_specs.append(bias_grad_spec)
+        out_shape.append(jax.ShapeDtypeStruct(bias_grad_shape, jnp.float32))
     if with_alpha_grad:
         out_specs.append(sp["row"])
         out_shape.append(jax.ShapeDtypeStruct((B, N, cfg.q_len_padded), jnp.float32))
@@ -173,14 +191,15 @@ def backward(cfg: KernelConfig, alpha, q_len, kv_len, q, k, v, q_seg, kv_seg, al
         out_specs.append(sp["block_scalar"])
         out_shape.append(jax.ShapeDtypeStruct((B, N, cfg.num_q_blocks), jnp.int32))
     dq_outs = call(
-        functools.partial(_dq_kernel, cfg=cfg, with_alpha_grad=with_alpha_grad),
+        functools.partial(_dq_kernel, cfg=cfg, with_alpha_grad=with_alpha_grad, with_bias_grad=with_bias_grad),
         cfg,
         (cfg.num_q_blocks, B, N),
-        backward_in_specs(cfg, sp, cfg.kv_blocks_padded),
+        in_specs,
         out_specs,
         out_shape,
         "entmax_attention_dq",
-    )(alpha, q_len, kv_len, q, k, v, d_out, q_seg, kv_seg, alibi, *row_inputs, stats["q_counts"], stats["q_lists"])
+        input_output_aliases=aliases,
+    )(*inputs)
     return dkdv, dq_outs, (kv_counts, kv_lists)
 
 

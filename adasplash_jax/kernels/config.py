@@ -11,6 +11,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from adasplash_jax.inputs import AttentionInputs
+from adasplash_jax.kernels.mask_info import layout
 
 # A finite stand-in for −inf inside kernels: keeps inf − inf = NaN out of the arithmetic.
 MASKED = -1e30
@@ -83,11 +84,20 @@ class KernelConfig:
     alpha_static: float | None
     has_segments: bool
     has_alibi: bool
+    # (batched, per_head) of a dense mask / bias [b, n, T, S] (kernels.mask_info), None when absent.
+    mask_layout: tuple[bool, bool] | None
+    bias_layout: tuple[bool, bool] | None
     exact_dots: bool
     interpret: bool
     debug: bool
     # The forward kernel also counts the non-zero probabilities per row (sparsity statistics).
     count_nonzero: bool = False
+
+    @property
+    def irregular(self) -> bool:
+        """Whether the kept entries of a tile depend on more than positions, lengths and the causal
+        diagonal (segments, windows, dense masks): no tile is then known to be interior."""
+        return self.has_segments or self.window is not None or self.mask_layout is not None
 
     @property
     def groups(self) -> int:
@@ -164,16 +174,8 @@ def unsupported_reason(inp: AttentionInputs) -> str | None:
         return f"`query` dtype {dtype} is not supported by the Pallas kernels; use float32, bfloat16 or float16"
     if H > _MAX_HEAD_DIM:
         return f"`query` head_dim {H} is not supported by the Pallas kernels (at most {_MAX_HEAD_DIM})"
-    if inp.mask is not None and padding_mask_axis(inp.mask) is None:
-        return (
-            f"`mask` of shape {inp.mask.shape} is not supported by implementation='pallas': it takes padding masks "
-            "over keys [batch, 1, 1, kv_len] or queries [batch, 1, q_len, 1] only; express other masks with "
-            "is_causal, query_seq_lengths, key_value_seq_lengths, local_window_size or segment_ids, or use "
-            "implementation='xla'"
-        )
-    if inp.bias is not None:
-        return ("a dense `bias` is not supported by implementation='pallas' yet (`alibi_slopes` is); use "
-                "implementation='xla'")
+    if inp.bias is not None and inp.bias.dtype not in _SUPPORTED_DTYPES:
+        return f"`bias` dtype {inp.bias.dtype} is not supported by the Pallas kernels; use float32, bfloat16 or float16"
     return None
 
 
@@ -188,13 +190,16 @@ def make_config(inp: AttentionInputs, block_sizes: BlockSizes | None, interpret:
     bs = block_sizes or BlockSizes.for_head_dim(H)
     alpha_static = inp.alpha if isinstance(inp.alpha, float) else None
     block_q, block_k = tile_shape(bs, T, S)
+    padding_mask = inp.mask is not None and padding_mask_axis(inp.mask) is not None
+    dense_mask = None if inp.mask is None or padding_mask else inp.mask
     return KernelConfig(
         q_len=T, kv_len=S, num_heads=N, num_kv_heads=K, head_dim=H,
         block_q=block_q, block_k=block_k, num_warps=bs.num_warps, num_stages=bs.num_stages,
         n_iter=bs.solver_passes(), adaptive=bs.n_iter is None, causal=inp.is_causal, window=inp.window,
         scale=inp.scale,
         alpha_static=alpha_static,
-        has_segments=inp.q_segment_ids is not None or inp.mask is not None, has_alibi=inp.alibi_slopes is not None,
+        has_segments=inp.q_segment_ids is not None or padding_mask, has_alibi=inp.alibi_slopes is not None,
+        mask_layout=layout(dense_mask), bias_layout=layout(inp.bias),
         exact_dots=dtype == jnp.float32,
         interpret=_resolve_interpret(interpret), debug=debug, count_nonzero=count_nonzero,
     )

@@ -14,15 +14,15 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from adasplash_jax.kernels.config import KernelConfig
-from adasplash_jax.kernels.specs import block_specs, call, segment_specs
+from adasplash_jax.kernels.specs import block_specs, call, tile_input_specs
 from adasplash_jax.kernels.threshold import thresholds
-from adasplash_jax.kernels.tiles import (RowContext, alpha_of, dot, list_slots_below,
+from adasplash_jax.kernels.tiles import (RowContext, TileInputs, alpha_of, dot, list_slots_below,
                                          split_loop, tile_powers)
 from adasplash_jax.tiling import active_block_lists, pad_axis
 
 
 def _forward_kernel(
-    alpha_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, q_segment_ref, kv_segment_ref, alibi_ref,
+    alpha_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, refs: TileInputs,
     tau_ref, row_max_ref, count_ref, list_ref,
     out_ref, norm_ref, *extra_refs,
     cfg: KernelConfig, with_residual: bool,
@@ -30,14 +30,14 @@ def _forward_kernel(
     q_block = pl.program_id(0)
     alpha = alpha_of(cfg, alpha_ref, 0)
     q = q_ref[...]
-    row = RowContext.of_query_block(cfg, q_block, q_len_ref, kv_len_ref, q_segment_ref, alibi_ref)
+    row = RowContext.of_query_block(cfg, q_block, q_len_ref, kv_len_ref, refs)
     tau, row_max = tau_ref[...], row_max_ref[...]
     hp = cfg.head_dim_padded
 
     def body(t, masked, carry):
         acc, acc_u, norm, u_sum, nonzero = carry
         j = list_ref[t]
-        d, _, _ = row.scores(q, k_ref, j, kv_segment_ref, masked)
+        d, _, _ = row.scores(q, k_ref, j, masked)
         z, p0, p1 = tile_powers(cfg, alpha, d, tau, row_max)
         v = v_ref[pl.ds(j * cfg.block_k, cfg.block_k), :]
         acc = acc + dot(cfg, p0.astype(v.dtype), v)
@@ -71,9 +71,9 @@ def _forward_kernel(
         extra.pop(0)[...] = count  # tiles visited by this program (the loop ran `count` times)
 
 
-def forward(cfg: KernelConfig, alpha, q_len, kv_len, q, k, v, q_seg, kv_seg, alibi, with_residual: bool):
+def forward(cfg: KernelConfig, alpha, q_len, kv_len, q, k, v, tile_inputs: TileInputs, with_residual: bool):
     B, N = q.shape[0], cfg.num_heads
-    tau, row_max, allowed, block_mask = thresholds(cfg, alpha, q_len, kv_len, q, k, q_seg, kv_seg, alibi)
+    tau, row_max, allowed, block_mask, tau_debug = thresholds(cfg, alpha, q_len, kv_len, q, k, tile_inputs)
     q_counts, q_lists = active_block_lists(pad_axis(block_mask, -1, cfg.kv_blocks_padded))
     sp = block_specs(cfg, "q")
     row_shape = jax.ShapeDtypeStruct((B, N, cfg.q_len_padded), jnp.float32)
@@ -93,15 +93,15 @@ def forward(cfg: KernelConfig, alpha, q_len, kv_len, q, k, v, q_seg, kv_seg, ali
         cfg,
         (cfg.num_q_blocks, B, N),
         [sp["alpha"], sp["batch_scalar"], sp["batch_scalar"], sp["q"], sp["kv"], sp["kv"],
-         *segment_specs(cfg, sp), sp["row"], sp["row"], sp["block_scalar"],
+         tile_input_specs(cfg, sp, "q"), sp["row"], sp["row"], sp["block_scalar"],
          sp["block_list"](cfg.kv_blocks_padded)],
         out_specs,
         out_shape,
         "entmax_attention_forward",
-    )(alpha, q_len, kv_len, q, k, v, q_seg, kv_seg, alibi, tau, row_max, q_counts, q_lists)
+    )(alpha, q_len, kv_len, q, k, v, tile_inputs, tau, row_max, q_counts, q_lists)
     out, norm, *outs = outs
     nonzero = outs.pop(0) if cfg.count_nonzero else jnp.zeros_like(allowed)
-    outs = [out, *outs]
+    outs = [out, *outs, *tau_debug]
     inv_norm = jnp.where(norm > 0, 1.0 / jnp.where(norm > 0, norm, 1.0), jnp.where(jnp.isnan(norm), jnp.nan, 0.0))
     stats = dict(tau=tau, row_max=row_max, norm=norm, inv_norm=inv_norm, nonzero=nonzero, allowed=allowed,
                  block_mask=block_mask, q_counts=q_counts, q_lists=q_lists)

@@ -17,28 +17,37 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from adasplash_jax.kernels.config import MASKED, KernelConfig
-from adasplash_jax.kernels.specs import block_specs, call, segment_specs
-from adasplash_jax.kernels.tiles import (RowContext, alpha_of, powers, split_loop,
+from adasplash_jax.kernels.mask_info import visible_key_blocks
+from adasplash_jax.kernels.specs import block_specs, call, tile_input_specs, visible_block_specs
+from adasplash_jax.kernels.tiles import (RowContext, TileInputs, alpha_of, list_slots_below, powers, split_loop,
                                          tile_x, x_multiplier)
 from adasplash_jax.solver import TOL, no_progress, solver_step, threshold_bracket
 
 
 def _threshold_kernel(
-    alpha_ref, q_len_ref, kv_len_ref, q_ref, k_ref, q_segment_ref, kv_segment_ref, alibi_ref,
-    tau_ref, row_max_ref, allowed_ref, block_mask_ref,
-    *, cfg: KernelConfig,
+    alpha_ref, q_len_ref, kv_len_ref, q_ref, k_ref, refs: TileInputs, visible,
+    tau_ref, row_max_ref, allowed_ref, block_mask_ref, *debug_refs,
+    cfg: KernelConfig,
 ):
     q_block = pl.program_id(0)
     alpha = alpha_of(cfg, alpha_ref, 0)
     q = q_ref[...]
-    row = RowContext.of_query_block(cfg, q_block, q_len_ref, kv_len_ref, q_segment_ref, alibi_ref)
+    row = RowContext.of_query_block(cfg, q_block, q_len_ref, kv_len_ref, refs)
     first_block, num_blocks = row.key_block_range()
     interior = row.interior_end()
     x_mult = x_multiplier(cfg, alpha)
+    if visible is not None:
+        # A dense mask: only the reachable key blocks it does not empty, read from their list.
+        count_ref, list_ref = visible
+        blocks = list_ref[...]
+        visible_slots = (list_slots_below(blocks, count_ref[...], first_block),
+                         list_slots_below(blocks, count_ref[...], num_blocks))
 
     def key_blocks(body, carry):
         """body(j, masked, carry) over the reachable key blocks, interior ones without masks
         (a local window starts later and has no interior tiles)."""
+        if visible is not None:
+            return lax.fori_loop(*visible_slots, lambda t, c: body(list_ref[t], True, c), carry)
         if cfg.window is not None:
             return lax.fori_loop(first_block, num_blocks, lambda j, c: body(j, True, c), carry)
         return split_loop(num_blocks, 0, interior, body, carry)
@@ -46,11 +55,11 @@ def _threshold_kernel(
     # Pass 1: row max m of the raw scores and Σ(d − m) for the Jensen bound (kept relative
     # to the running max, so it stays exact at any score magnitude); `allowed` counts the
     # keys seen so far (a tile's count is only reduced when segments make it irregular).
-    limit = None if cfg.has_segments or cfg.window is not None else row.allowed_keys().astype(jnp.float32)
+    limit = None if cfg.irregular else row.allowed_keys().astype(jnp.float32)
 
     def max_pass(j, masked, carry):
         row_max, row_sum, allowed = carry
-        d, keep, _ = row.scores(q, k_ref, j, kv_segment_ref, masked)
+        d, keep, _ = row.scores(q, k_ref, j, masked)
         new_max = jnp.maximum(row_max, jnp.max(d, axis=1))
         shifted = d - new_max[:, None]
         if masked:
@@ -73,14 +82,16 @@ def _threshold_kernel(
     # A NaN or +inf score (or a NaN α: out of range) makes Σ(d − m) NaN; such rows come
     # out NaN (the library's NaN policy), never as a masked row of zeros.
     bad = jnp.isnan(row_sum) | jnp.isnan(x_mult)
-    has_any = (allowed > 0) & ~bad
+    # A row whose every score is MASKED-like (a bias of −inf over all its keys) has nothing to
+    # attend to either, as on the dense path: a zero row, not a uniform one.
+    has_any = (allowed > 0) & ~bad & (row_max > 0.5 * MASKED)
     x_mean = x_mult * row_sum / jnp.maximum(allowed, 1.0)
     lo, hi = threshold_bracket(jnp.zeros_like(row_max), allowed, alpha, row_mean=x_mean)
     lo, hi = jnp.where(has_any, lo, 0.0), jnp.where(has_any, hi, 0.0)
     tau = 0.5 * (lo + hi)
 
     def pass_sums(tau, lo, with_mask, j, masked, acc):
-        d, _, _ = row.scores(q, k_ref, j, kv_segment_ref, masked)
+        d, _, _ = row.scores(q, k_ref, j, masked)
         x = tile_x(cfg, alpha, d, row_max)
         z = jnp.maximum(x - tau[:, None], 0.0)
         t0, t1, t2 = powers(cfg, alpha, z)
@@ -140,23 +151,38 @@ def _threshold_kernel(
     row_max_ref[...] = jnp.where(bad, jnp.nan, row_max)
     allowed_ref[...] = allowed
     block_mask_ref[...] = bits
+    if cfg.debug:  # key blocks visited per pass
+        debug_refs[0][...] = visible_slots[1] - visible_slots[0] if visible is not None else num_blocks - first_block
 
 
-def thresholds(cfg: KernelConfig, alpha, q_len, kv_len, q, k, q_seg, kv_seg, alibi):
+def thresholds(cfg: KernelConfig, alpha, q_len, kv_len, q, k, tile_inputs: TileInputs):
+    """τ, the row max and allowed count per row, and the block mask (plus, with cfg.debug, the key
+    blocks visited per pass of each query block)."""
     B, N = q.shape[0], cfg.num_heads
     sp = block_specs(cfg, "q")
     f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
     row_shape = f32(B, N, cfg.q_len_padded)
+    visible, visible_specs = None, None
+    if cfg.mask_layout is not None:
+        visible = visible_key_blocks(tile_inputs.kinds, block_q=cfg.block_q, block_k=cfg.block_k,
+                                     is_causal=cfg.causal, window=cfg.window)
+        visible_specs = visible_block_specs(cfg, cfg.mask_layout)
+    out_specs = [sp["row"]] * 3 + [sp["block_list"](cfg.kv_blocks_padded)]
+    out_shape = [row_shape] * 3 + [jax.ShapeDtypeStruct((B, N, cfg.num_q_blocks, cfg.kv_blocks_padded), jnp.int32)]
+    if cfg.debug:
+        out_specs.append(sp["block_scalar"])
+        out_shape.append(jax.ShapeDtypeStruct((B, N, cfg.num_q_blocks), jnp.int32))
     outs = call(
         functools.partial(_threshold_kernel, cfg=cfg),
         cfg,
         (cfg.num_q_blocks, B, N),
-        [sp["alpha"], sp["batch_scalar"], sp["batch_scalar"], sp["q"], sp["kv"], *segment_specs(cfg, sp)],
-        [sp["row"]] * 3 + [sp["block_list"](cfg.kv_blocks_padded)],
-        [row_shape] * 3 + [jax.ShapeDtypeStruct((B, N, cfg.num_q_blocks, cfg.kv_blocks_padded), jnp.int32)],
+        [sp["alpha"], sp["batch_scalar"], sp["batch_scalar"], sp["q"], sp["kv"], tile_input_specs(cfg, sp, "q"),
+         visible_specs],
+        out_specs,
+        out_shape,
         "entmax_threshold",
-    )(alpha, q_len, kv_len, q, k, q_seg, kv_seg, alibi)
-    tau, row_max, allowed, block_mask = outs
-    return tau, row_max, allowed, block_mask[..., : cfg.num_kv_blocks]
+    )(alpha, q_len, kv_len, q, k, tile_inputs, visible)
+    tau, row_max, allowed, block_mask, *debug = outs
+    return tau, row_max, allowed, block_mask[..., : cfg.num_kv_blocks], debug
 
 

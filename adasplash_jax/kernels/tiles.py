@@ -8,6 +8,8 @@ element (scale and α − 1 folded), exact near the max at any score magnitude.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -15,6 +17,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from adasplash_jax.kernels.config import MASKED, KernelConfig
+from adasplash_jax.kernels.mask_info import FULL
 from adasplash_jax.masking import keep_mask, reachable_kv_range
 
 
@@ -23,23 +26,48 @@ def dot(cfg: KernelConfig, a, b, *, trans_a=False, trans_b=False):
     return plgpu.dot(a, b, trans_a=trans_a, trans_b=trans_b, allow_tf32=False if cfg.exact_dots else None)
 
 
-class RowContext:
-    """Per-row (query) context loaded once per query block: positions, lengths, segments."""
+class TileInputs(NamedTuple):
+    """The optional inputs that shape each score tile (each None when absent): segment ids
+    (int32 [B, T_pad], [B, S_pad]; padding masks are folded into them), ALiBi slopes (float32
+    [N], raw-score units), a dense mask (int8 [b, n, T_pad, S_pad]) with its tile kinds
+    (mask_info: [b, n, nq, nk_pad] on a query-block grid, transposed on a key-block grid) and a
+    dense bias ([b, n, T_pad, S_pad]). Kernels receive the same tuple of refs."""
 
-    def __init__(self, cfg: KernelConfig, q_block, q_len, kv_len, q_segment, alibi_slope=None):
+    q_segment: object = None
+    kv_segment: object = None
+    alibi: object = None
+    mask: object = None
+    kinds: object = None
+    bias: object = None
+
+
+class RowContext:
+    """Per-row (query) context of one query block and head: positions, lengths, segments, and
+    the tile inputs read tile by tile. ``head``: the query head within a key-block grid's
+    group (None on a query-block grid, whose refs hold one head)."""
+
+    def __init__(self, cfg: KernelConfig, q_block, q_len, kv_len, refs: TileInputs, head: int | None = None):
         self.cfg = cfg
+        self.q_block = q_block
         self.q_start = q_block * cfg.block_q
         self.q_pos = query_positions(cfg, q_block)
         self.q_len = q_len
         self.kv_len = kv_len
-        self.q_segment = None if q_segment is None else q_segment[:, None]
-        self.alibi_slope = alibi_slope  # per head, in raw-score units (slope / scale), or None
+        self.refs = refs
+        self.head = head
+        # ALiBi slope per head, in raw-score units (slope / scale), or None
+        self.alibi_slope = refs.alibi[head or 0] if cfg.has_alibi else None
 
     @classmethod
-    def of_query_block(cls, cfg: KernelConfig, q_block, q_len_ref, kv_len_ref, q_segment_ref, alibi_ref):
+    def of_query_block(cls, cfg: KernelConfig, q_block, q_len_ref, kv_len_ref, refs: TileInputs):
         """The context of a kernel whose grid runs over query blocks (τ, forward, dQ): one head's row."""
-        return cls(cfg, q_block, q_len_ref[...], kv_len_ref[...],
-                   load_segment(q_segment_ref, q_block * cfg.block_q, cfg.block_q), alibi_slope_of(cfg, alibi_ref, 0))
+        return cls(cfg, q_block, q_len_ref[...], kv_len_ref[...], refs)
+
+    @property
+    def q_segment(self):
+        """Segment ids [block_q, 1] of the block's queries (loaded where used: masked tiles only)."""
+        q_segment = load_segment(self.refs.q_segment, self.q_start, self.cfg.block_q)
+        return None if q_segment is None else q_segment[:, None]
 
     def key_block_range(self):
         """(first, end) key blocks this query block can see at all: up to the causal diagonal and
@@ -54,8 +82,8 @@ class RowContext:
     def interior_end(self):
         """Key blocks [0, e) whose tiles keep every entry of this query block (no mask to apply):
         the block's rows are all valid, and the tile lies below the causal diagonal and within
-        the kv length. Segments (and padding masks, folded into them) and local windows make no
-        tile interior."""
+        the kv length. Segments (and padding masks, folded into them), local windows and dense
+        masks make no tile interior."""
         return interior_key_blocks(self.cfg, self.q_start, self.q_len, self.kv_len)
 
     def allowed_keys(self):
@@ -66,14 +94,29 @@ class RowContext:
             limit = jnp.minimum(limit, self.q_pos + 1)
         return jnp.where(self.q_pos < self.q_len, limit, 0)[:, 0]
 
-    def keep(self, kv_block, kv_segment_ref):
+    def _plane(self, ref, layout, kv_block):
+        """The [block_q, block_k] tile of a dense input's [T, S] plane."""
+        cfg = self.cfg
+        index = (pl.ds(self.q_start, cfg.block_q), pl.ds(kv_block * cfg.block_k, cfg.block_k))
+        if self.head is not None and layout[1]:
+            index = (self.head, *index)
+        return ref[index]
+
+    def mask_kind(self, kv_block):
+        """EMPTY / PARTIAL / FULL of this tile of the dense mask."""
+        kinds = self.refs.kinds
+        if self.head is None:
+            return kinds[kv_block]
+        return kinds[self.head, self.q_block] if self.cfg.mask_layout[1] else kinds[self.q_block]
+
+    def keep(self, kv_block):
         cfg = self.cfg
         kv_start = kv_block * cfg.block_k
         kv_pos = (kv_start + jnp.arange(cfg.block_k, dtype=jnp.int32))[None, :]
         kv_segment = None
-        if kv_segment_ref is not None:
-            kv_segment = kv_segment_ref[pl.ds(kv_start, cfg.block_k)][None, :]
-        return keep_mask(
+        if self.refs.kv_segment is not None:
+            kv_segment = self.refs.kv_segment[pl.ds(kv_start, cfg.block_k)][None, :]
+        keep = keep_mask(
             self.q_pos,
             kv_pos,
             is_causal=cfg.causal,
@@ -83,19 +126,46 @@ class RowContext:
             kv_segment=kv_segment,
             window=cfg.window,
         )
+        if cfg.mask_layout is not None:
+            # Only a PARTIAL tile loads its mask; a FULL one keeps everything (EMPTY ones are never visited).
+            tile = lax.cond(self.mask_kind(kv_block) == FULL,
+                            lambda: jnp.ones((cfg.block_q, cfg.block_k), jnp.int8),
+                            lambda: self._plane(self.refs.mask, cfg.mask_layout, kv_block))
+            keep = keep & (tile != 0)
+        return keep
 
-    def scores(self, q, k_ref, kv_block, kv_segment_ref, masked=True):
-        """Raw score tile d = q·kᵀ (fp32), masked entries → MASKED (only when ``masked``: an
-        interior tile keeps everything), its keep mask (None when not masked) and the key tile."""
+    def bias(self, kv_block):
+        """The additive raw-score tile of ALiBi and the dense bias (bias / scale), or None."""
+        cfg = self.cfg
+        out = None
+        if self.alibi_slope is not None:
+            out = alibi_tile(cfg, self.alibi_slope, self.q_pos, kv_block)
+        if cfg.bias_layout is not None:
+            # A −inf bias entry stays finite (MASKED): the entry gets no weight, as a masked one.
+            b = jnp.maximum(self._plane(self.refs.bias, cfg.bias_layout, kv_block).astype(jnp.float32)
+                            * (1.0 / cfg.scale), MASKED)
+            out = b if out is None else out + b
+        return out
+
+    def tile_scores(self, q, k, kv_block, masked=True):
+        """Raw score tile d = q·kᵀ (fp32) of a loaded key tile plus the bias, masked entries →
+        MASKED (only when ``masked``: an interior tile keeps everything), and its keep mask
+        (None when not masked)."""
+        d = dot(self.cfg, q, k, trans_b=True)
+        bias = self.bias(kv_block)
+        if bias is not None:
+            d = d + bias
+        if not masked:
+            return d, None
+        keep = self.keep(kv_block)
+        return jnp.where(keep, d, MASKED), keep
+
+    def scores(self, q, k_ref, kv_block, masked=True):
+        """``tile_scores`` of key block ``kv_block`` loaded from ``k_ref``; also returns the key tile."""
         cfg = self.cfg
         k = k_ref[pl.ds(kv_block * cfg.block_k, cfg.block_k), :]
-        d = dot(cfg, q, k, trans_b=True)
-        if self.alibi_slope is not None:
-            d = d + alibi_tile(cfg, self.alibi_slope, self.q_pos, kv_block)
-        if not masked:
-            return d, None, k
-        keep = self.keep(kv_block, kv_segment_ref)
-        return jnp.where(keep, d, MASKED), keep, k
+        d, keep = self.tile_scores(q, k, kv_block, masked)
+        return d, keep, k
 
 
 def query_positions(cfg: KernelConfig, q_block):
@@ -110,12 +180,8 @@ def alibi_tile(cfg: KernelConfig, slope, q_pos, kv_block):
     return -slope * jnp.abs(q_pos - kv_pos).astype(jnp.float32)
 
 
-def alibi_slope_of(cfg: KernelConfig, alibi_ref, index):
-    return alibi_ref[index] if cfg.has_alibi else None
-
-
 def interior_key_blocks(cfg: KernelConfig, q_start, q_len, kv_len):
-    if cfg.has_segments or cfg.window is not None:
+    if cfg.irregular:
         return jnp.int32(0)
     end = kv_len // cfg.block_k  # (// not lax.div: Python ints are int64 under x64)
     if cfg.causal:
@@ -125,7 +191,7 @@ def interior_key_blocks(cfg: KernelConfig, q_start, q_len, kv_len):
 
 def interior_query_blocks(cfg: KernelConfig, kv_block, q_len, kv_len):
     """Query blocks [lo, hi) whose tiles with key block ``kv_block`` keep every entry."""
-    if cfg.has_segments or cfg.window is not None:
+    if cfg.irregular:
         return jnp.int32(0), jnp.int32(0)
     kv_end = (kv_block + 1) * cfg.block_k
     lo = (kv_end - 1 + cfg.block_q - 1) // cfg.block_q if cfg.causal else jnp.int32(0)
