@@ -66,6 +66,7 @@ def test_plain_and_gqa(alpha, N, K):
     np.testing.assert_allclose(attn(q, k, v, alpha=alpha), reference(q, k, v, alpha), atol=2e-5)
 
 
+@pytest.mark.slow
 def test_gqa_equals_repeated_kv():
     q, k, v = qkv(N=6, K=2, seed=3)
     G = 3
@@ -101,6 +102,7 @@ def test_lengths():
     np.testing.assert_allclose(got_c, reference(q, k, v, is_causal=True, kv_len=kl), atol=2e-5)
 
 
+@pytest.mark.slow
 def test_segment_ids():
     q, k, v = qkv(B=2, T=7, S=7, seed=8)
     seg = np.array([[0, 0, 0, 1, 1, 2, 2], [0, 1, 1, 1, 1, 1, 3]])
@@ -131,6 +133,7 @@ def test_per_head_alpha():
     np.testing.assert_allclose(attn(q, k, v, alpha=jnp.float32(2.0)), reference(q, k, v, 2.0), atol=2e-5)
 
 
+@pytest.mark.slow
 def test_fully_masked_rows_zero_output_and_finite_gradients():
     q, k, v = qkv(seed=13)
     mask = np.ones((2, 4, 6, 7), bool)
@@ -149,6 +152,7 @@ def test_fully_masked_rows_zero_output_and_finite_gradients():
     assert float(jnp.abs(grads[0][1]).max()) == 0.0 and float(jnp.abs(grads[0][:, 2]).max()) == 0.0
 
 
+@pytest.mark.slow
 def test_gradients_finite_differences():
     q, k, v = qkv(B=1, T=4, S=5, N=2, K=1, H=4, seed=14, scale=1.0)
     f = lambda q, k, v: entmax_attention(q, k, v, is_causal=True, implementation="xla")  # noqa: E731
@@ -158,6 +162,7 @@ def test_gradients_finite_differences():
     check_grads(g, (jnp.array([1.3, 1.6]),), order=1, modes=["rev"], eps=1e-3, atol=5e-3, rtol=5e-3)
 
 
+@pytest.mark.slow
 def test_jit_vmap_low_precision():
     q, k, v = qkv(seed=15)
     want = attn(q, k, v, is_causal=True)

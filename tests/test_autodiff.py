@@ -29,6 +29,7 @@ def central_difference(f, x, dx, h=1e-6):
     return (f(x + h * dx) - f(x - h * dx)) / (2 * h)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("alpha", ALPHAS)
 def test_jvp_and_linearize_equal_finite_differences(alpha, x64):
     x = jnp.asarray(rand((3, 7), 0, 2.0))  # float64: the finite differences are exact enough
@@ -40,6 +41,7 @@ def test_jvp_and_linearize_equal_finite_differences(alpha, x64):
     np.testing.assert_allclose(lin(dx), t, atol=1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("alpha", ALPHAS)
 def test_hessian_is_finite_and_equals_differences_of_the_gradient(alpha, x64):
     x = jnp.asarray(rand((6,), 2, 2.0))
@@ -55,6 +57,7 @@ def test_hessian_is_finite_and_equals_differences_of_the_gradient(alpha, x64):
         np.testing.assert_allclose(h[:, i], central_difference(g, x, e), atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("alpha", [1.5, 1.75])
 def test_reverse_over_reverse_and_alpha_derivatives(alpha, x64):
     x = jnp.asarray(rand((2, 5), 4, 2.0))
@@ -70,6 +73,7 @@ def test_reverse_over_reverse_and_alpha_derivatives(alpha, x64):
                                central_difference(jax.grad(fa), alpha, 1.0, 1e-5), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_dense_attention_forward_mode():
     q, k, v = (jnp.asarray(rand((1, 6, 2, 8), s), jnp.float32) for s in (6, 7, 8))
     f = lambda q: entmax_attention(q, k, v, is_causal=True, implementation="xla")  # noqa: E731
@@ -81,12 +85,14 @@ def test_dense_attention_forward_mode():
     np.testing.assert_allclose(jnp.vdot(t, ct), jnp.vdot(dq, vjp(ct)[0]), rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_pallas_forward_mode_is_a_clear_error():
     q = jnp.asarray(rand((1, 16, 1, 16), 11), jnp.float32)
     with pytest.raises(Exception, match="xla"):
         jax.jvp(lambda q: entmax_attention(q, q, q, implementation="pallas"), (q,), (q,))
 
 
+@pytest.mark.slow
 def test_float64_computes_in_float64(x64):
     x = jnp.asarray(rand((2, 9), 12, 3.0))
     p = entmax(x, 1.5)

@@ -46,6 +46,7 @@ def test_matches_pypi_entmax(alpha, scale):
     np.testing.assert_allclose(p, torch_entmax(x, alpha), atol=2e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("alpha", [1.25, 2.0])
 @pytest.mark.parametrize("axis", [0, 1, -1])
 def test_simplex_on_any_axis(alpha, axis):
@@ -83,6 +84,7 @@ def test_sparsity_grows_with_alpha_and_scale(alpha):
     assert nnz[2] < 32 * 256 // 4
 
 
+@pytest.mark.slow
 def test_softmax_limit():
     x = rand((8, 50), 1.0, seed=4)
     soft = np.asarray(jax.nn.softmax(x, axis=-1))
@@ -91,6 +93,7 @@ def test_softmax_limit():
     assert errs == sorted(errs, reverse=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("solver", ["halley", "histogram"])
 @pytest.mark.parametrize("alpha", [1.5, 2.0])
 @pytest.mark.parametrize("scale", [0.05, 1.0, 30.0])
@@ -104,6 +107,7 @@ def test_halley_equals_sort(alpha, scale, solver):
     np.testing.assert_allclose(th, ts, atol=1e-5 * max(1.0, scale), rtol=1e-5)
 
 
+@pytest.mark.slow
 @settings(max_examples=25, deadline=None)
 @given(
     st.sampled_from([1, 9, 40]),  # few shapes: each new one compiles
@@ -126,6 +130,7 @@ def test_property_halley_sort_bisect_agree(n, scale, alpha, seed):
     assert (ph[x < x.max(-1, keepdims=True) - 1.0 / (alpha - 1.0)] == 0).all()
 
 
+@pytest.mark.slow
 def test_threshold_gives_probabilities():
     x = rand((8, 40), 3.0, seed=6)
     for alpha in ALPHAS:
@@ -210,6 +215,7 @@ def test_equal_support_at_both_ends_gives_the_exact_root(alpha):
     np.testing.assert_allclose(float(new_tau[0, 0]), exact, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("solver", ["auto", "histogram", "sort"])
 @pytest.mark.parametrize("alpha", [1.5, 2.0])
 def test_many_rows_solved_in_row_blocks(alpha, solver):
@@ -224,6 +230,7 @@ def test_many_rows_solved_in_row_blocks(alpha, solver):
         np.testing.assert_allclose(q[i], torch_entmax(x[i], a), atol=2e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("solver", ["auto", "histogram", "bisect"])
 @pytest.mark.parametrize("alpha", [1.25, 1.5, 2.0])
 def test_slow_rows_among_fast_ones_are_finished_on_their_own(alpha, solver):
@@ -256,6 +263,7 @@ def test_forward_and_backward_export_for_cuda_without_row_blocks():
     assert whiles == {"cuda": 2, "cpu": 3}, whiles
 
 
+@pytest.mark.slow
 def test_halley_prediction_across_an_entry_is_remeasured():
     # α = 1.9 (c0 = 1/0.9): a shifted row [0, x1] whose entry x1 lies 1e-5 above the root.
     # From τ = x1 (x1 just outside the support, |f| ≈ 1.4e-5 < 1e-4) Halley predicts the
@@ -277,6 +285,7 @@ def test_halley_prediction_across_an_entry_is_remeasured():
     np.testing.assert_allclose(p.sum(-1), 1.0, atol=2e-6)
 
 
+@pytest.mark.slow
 def test_array_alpha_2_halley_prediction_is_remeasured():
     # Clustered entries (found by review): an array α = 2 goes through Halley's general
     # step, whose prediction skipped entries near the root; assuming its mass was 1 left
@@ -294,6 +303,7 @@ def test_array_alpha_2_halley_prediction_is_remeasured():
         np.testing.assert_allclose(p, want, atol=2e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("solver", ["auto", "histogram", "bisect"])
 def test_no_rows_and_alpha_near_one(solver):
     # Found by review: an input with no rows must not fail the solver's row reshape; and
@@ -305,6 +315,7 @@ def test_no_rows_and_alpha_near_one(solver):
         np.testing.assert_allclose(np.asarray(entmax(x, alpha, solver=solver)).sum(-1), 1.0, atol=2e-6)
 
 
+@pytest.mark.slow
 def test_rows_stopped_by_the_cap_are_still_normalised(monkeypatch):
     # Σp at the final τ is usually known from the solver's last pass; rows that stop at
     # the iteration cap are measured once more, so the output still sums to one.
@@ -323,6 +334,7 @@ def test_rows_stopped_by_the_cap_are_still_normalised(monkeypatch):
 # ------------------------------------------------------------------ array α
 
 
+@pytest.mark.slow
 def test_array_alpha_per_row_matches_float_alpha():
     x = rand((4, 3, 60), 2.0, seed=9)
     alphas = np.array([1.2, 1.5, 1.8], np.float32)  # one per middle index
@@ -337,6 +349,7 @@ def test_array_alpha_per_row_matches_float_alpha():
 # ------------------------------------------------------------------ masking
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "alpha,solver",
     [(a, s) for a in (1.25, 1.5, 2.0) for s in ("auto", "histogram", "bisect", "sort")
@@ -383,6 +396,7 @@ def _torch_grads(x, alpha, g):
     return xt.grad.numpy(), at.grad.numpy()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("alpha", ALPHAS)
 def test_gradients_match_pypi_autograd(alpha):
     x = rand((6, 40), 2.0, seed=11)
@@ -407,6 +421,7 @@ def _smooth_point(alpha, seed):
     return x
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("alpha", [1.5, 2.0, 1.3])
 def test_x_gradient_finite_differences(alpha):
     x = jnp.asarray(_smooth_point(alpha, 13))
@@ -414,6 +429,7 @@ def test_x_gradient_finite_differences(alpha):
     check_grads(lambda x: jnp.sum(w * entmax(x, alpha)), (x,), order=1, modes=["rev"], eps=1e-3, atol=2e-3, rtol=2e-3)
 
 
+@pytest.mark.slow
 def test_alpha_gradient_finite_differences():
     x = jnp.asarray(rand((3, 12), 2.0, seed=15))
     w = jnp.asarray(rand((3, 12), 1.0, seed=16))
@@ -421,6 +437,7 @@ def test_alpha_gradient_finite_differences():
     check_grads(lambda a: jnp.sum(w * entmax(x, a)), (a,), order=1, modes=["rev"], eps=1e-3, atol=5e-3, rtol=5e-3)
 
 
+@pytest.mark.slow
 def test_jacobian_rows_sum_to_zero_and_zero_off_support():
     x = jnp.asarray(rand((20,), 3.0, seed=17))
     for alpha in (1.25, 1.5, 2.0):
@@ -434,6 +451,7 @@ def test_jacobian_rows_sum_to_zero_and_zero_off_support():
 # ------------------------------------------------------------------ dtypes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
 @pytest.mark.parametrize("alpha", [1.5, 2.0, 1.25])
 def test_low_precision(dtype, alpha):
@@ -449,6 +467,7 @@ def test_low_precision(dtype, alpha):
 # ------------------------------------------------------------------ transformations
 
 
+@pytest.mark.slow
 def test_jit_vmap_grad_checkpoint_compose():
     x = jnp.asarray(rand((5, 4, 33), 2.0, seed=19))
     w = jnp.asarray(rand((33,), 1.0, seed=20))
@@ -465,6 +484,7 @@ def test_jit_vmap_grad_checkpoint_compose():
         np.testing.assert_allclose(np.asarray(pv[i]), torch_entmax(np.asarray(x[i, 0]), float(alphas[i])), atol=3e-6)
 
 
+@pytest.mark.slow
 def test_no_retrace_for_same_shapes():
     @jax.jit
     @chex.assert_max_traces(n=1)

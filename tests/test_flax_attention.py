@@ -40,6 +40,7 @@ def oracle_fn(alpha):
     return attention_fn
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("alpha", [1.5, 2.0])
 def test_inside_nnx_multi_head_attention(alpha):
     x = jax.random.normal(jax.random.key(0), (2, 6, 16))
@@ -53,6 +54,7 @@ def test_inside_nnx_multi_head_attention(alpha):
     np.testing.assert_allclose(ours(x, mask=causal), ref(x, mask=causal), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_inside_linen_multi_head_dot_product_attention():
     x = jax.random.normal(jax.random.key(1), (2, 5, 16))
     mask = nn.make_causal_mask(jnp.ones((2, 5)))
@@ -64,6 +66,7 @@ def test_inside_linen_multi_head_dot_product_attention():
     )
 
 
+@pytest.mark.slow
 def test_is_causal_extra_batch_dims_and_gqa():
     q = jax.random.normal(jax.random.key(3), (2, 3, 5, 4, 8))  # two batch dims
     kv = jax.random.normal(jax.random.key(4), (2, 3, 5, 4, 8))
@@ -79,6 +82,7 @@ def test_is_causal_extra_batch_dims_and_gqa():
     np.testing.assert_allclose(got, np.einsum("bnts,bsnh->btnh", p, k_rep), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_dropout_on_probabilities_matches_flax_convention():
     q = jax.random.normal(jax.random.key(5), (1, 6, 2, 8))
     rng = jax.random.key(6)
@@ -107,6 +111,7 @@ def test_unsupported_requests_raise_clear_errors():
         flax_entmax_attention(q, q, q, mask=jnp.ones((3, 1, 4, 4)))
 
 
+@pytest.mark.slow
 def test_sow_weights_in_nnx():
     x = jax.random.normal(jax.random.key(7), (1, 5, 16))
     mha = nnx.MultiHeadAttention(num_heads=2, in_features=16, attention_fn=make_flax_attention_fn(alpha=2.0),
@@ -118,6 +123,7 @@ def test_sow_weights_in_nnx():
     assert np.any(probs == 0)
 
 
+@pytest.mark.slow
 def test_key_padding_mask_reaches_the_pallas_path():
     """Flax's [B, 1, 1, S] padding mask keeps its shape, so the Pallas path accepts it."""
     q = jax.random.normal(jax.random.key(0), (2, 16, 2, 16))
@@ -127,6 +133,7 @@ def test_key_padding_mask_reaches_the_pallas_path():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_bias_is_added_to_the_scores():
     q = jax.random.normal(jax.random.key(3), (2, 5, 2, 8))
     bias = jax.random.normal(jax.random.key(4), (1, 2, 5, 5)) * 3

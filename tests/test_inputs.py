@@ -23,6 +23,7 @@ def test_alpha_of_the_wrong_type_names_alpha(alpha):
         check_alpha(alpha)
 
 
+@pytest.mark.slow
 def test_alpha_minimum_is_accepted_and_accurate():
     x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 20)), jnp.float32)
     p = np.asarray(entmax(x, ALPHA_MIN))
@@ -54,6 +55,7 @@ def test_empty_inputs_give_empty_outputs():
     assert g.shape == (0, 4)
 
 
+@pytest.mark.slow
 def test_losses_under_jit_with_constant_and_traced_labels():
     x = jnp.asarray(np.random.default_rng(1).normal(size=(4, 6)), jnp.float32)
     labels = jnp.array([0, 5, 2, 3])

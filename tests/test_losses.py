@@ -19,6 +19,7 @@ def rand(shape, scale=1.0, seed=0):
     return (scale * np.random.default_rng(seed).standard_normal(shape)).astype(np.float32)
 
 
+@pytest.mark.slow
 def test_sparsemax_loss_hand_computed():
     # logits [1, 0], gold 1: p = sparsemax = [1, 0]; L = <θ, p − e_y> + (1 − Σp²)/2 = 1 + 0.
     np.testing.assert_allclose(float(sparsemax_loss(jnp.array([1.0, 0.0]), jnp.array(1))), 1.0, atol=1e-6)
@@ -27,6 +28,7 @@ def test_sparsemax_loss_hand_computed():
     np.testing.assert_allclose(float(sparsemax_loss(jnp.array([1.0, 0.5, 0.0]), jnp.array(0))), 0.0625, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "ours, theirs, alpha",
     [
@@ -48,6 +50,7 @@ def test_matches_pypi_losses(ours, theirs, alpha):
     np.testing.assert_allclose(np.asarray(grad), xt.grad.numpy(), atol=2e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("alpha", [1.25, 1.5, 2.0])
 def test_gradient_is_p_minus_onehot_and_matches_finite_differences(alpha):
     x = rand((4, 9), 1.5, seed=3)
@@ -61,6 +64,7 @@ def test_gradient_is_p_minus_onehot_and_matches_finite_differences(alpha):
                 eps=1e-3, atol=3e-3, rtol=3e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("alpha", [1.5, 2.0])
 def test_zero_at_confident_correct_prediction(alpha):
     x = jnp.array([[20.0, 0.0, -3.0], [0.0, -1.0, 15.0]])
@@ -82,6 +86,7 @@ def test_property_nonnegative(seed, scale, alpha):
     assert (loss[onehot] < 1e-5).all() and (loss[~onehot] > 0).all()
 
 
+@pytest.mark.slow
 def test_masked_logits_and_batch_shape():
     x = np.array([[[2.0, -np.inf, 0.5, 0.0]]], np.float32)  # [1, 1, 4]
     y = jnp.array([[2]])
@@ -93,6 +98,7 @@ def test_masked_logits_and_batch_shape():
     assert bool(jnp.isfinite(g).all()) and float(g[0, 0, 1]) == 0.0
 
 
+@pytest.mark.slow
 def test_jit_and_low_precision():
     x = jnp.asarray(rand((8, 10), 1.0, seed=4))
     y = jnp.arange(8)

@@ -149,6 +149,7 @@ def test_config_validation_names_the_field(make, field):
 # --------------------------------------------------------------------------- shapes and masking
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attention", KINDS)
 def test_shapes(attention):
     x = ids((2, 8))
@@ -158,6 +159,7 @@ def test_shapes(attention):
     assert bert(BertForSequenceClassification, attention, num_labels=3)(x).shape == (2, 3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attention", KINDS)
 def test_gpt2_future_tokens_never_change_earlier_logits(attention):
     model = gpt2(attention)
@@ -168,6 +170,7 @@ def test_gpt2_future_tokens_never_change_earlier_logits(attention):
     assert not np.allclose(la[:, 7:], lb[:, 7:], atol=1e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attention", KINDS)
 def test_gpt2_right_padding_does_not_change_valid_logits(attention):
     model = gpt2(attention)
@@ -177,6 +180,7 @@ def test_gpt2_right_padding_does_not_change_valid_logits(attention):
     np.testing.assert_allclose(model(padded, mask)[:, :6], model(x), atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "cls, attention",
     [(BertModel, "softmax"), (BertModel, "entmax"), (BertForMaskedLM, "entmax"), (BertForSequenceClassification, "entmax")],
@@ -201,6 +205,7 @@ def test_bert_padding_invariance(cls, attention):
 # --------------------------------------------------------------------------- α
 
 
+@pytest.mark.slow
 def test_alpha_override_is_traced_without_retracing():
     model = gpt2("entmax", alpha=1.5)
     x = ids((1, 8))
@@ -223,6 +228,7 @@ def test_alpha_override_is_traced_without_retracing():
     np.testing.assert_allclose(sm(x, alpha=jnp.float32(1.9)), sm(x), atol=0)
 
 
+@pytest.mark.slow
 def test_alpha_per_layer_and_per_head():
     heads = (1.1, 1.5, 1.8, 2.0)
     model = gpt2("entmax", alpha=(2.0, heads))
@@ -235,6 +241,7 @@ def test_alpha_per_layer_and_per_head():
     assert s[1, 3] >= s[1, 0]
 
 
+@pytest.mark.slow
 def test_learnable_alpha_gets_gradients_and_stays_in_range():
     model = gpt2("entmax", alpha=1.5, learn_alpha=True)
     a = model.h[0].attn.current_alpha()
@@ -257,6 +264,7 @@ def test_learnable_alpha_gets_gradients_and_stays_in_range():
 # --------------------------------------------------------------------------- attention functions
 
 
+@pytest.mark.slow
 def test_make_attention_fn_and_set_attention_fn():
     q = jax.random.normal(jax.random.key(0), (1, 5, 2, 8))
     sm = make_attention_fn("softmax")
@@ -288,6 +296,7 @@ def test_make_attention_fn_and_set_attention_fn():
 # --------------------------------------------------------------------------- dropout
 
 
+@pytest.mark.slow
 def test_dropout_uses_the_models_dropout_stream():
     model = GPT2LMHeadModel(gpt2_config(dropout=0.2), rngs=nnx.Rngs(params=0, dropout=1))
     x = ids((1, 8))
@@ -300,6 +309,7 @@ def test_dropout_uses_the_models_dropout_stream():
 # --------------------------------------------------------------------------- inspection
 
 
+@pytest.mark.slow
 def test_attention_sparsity_counts_exact_zeros_among_allowed_entries():
     # initializer_range 0.2: scores large enough for sparsemax to leave many exact zeros
     x = ids((2, 10), seed=8)
@@ -332,6 +342,7 @@ def test_attention_sparsity_counts_exact_zeros_among_allowed_entries():
     np.testing.assert_array_equal(attention_sparsity(gpt2("softmax"), x), np.zeros((2, 4)))
 
 
+@pytest.mark.slow
 def test_attention_maps_are_distributions_over_allowed_keys():
     model = bert(BertModel, "entmax", alpha=1.5)
     x = ids((2, 7))
@@ -364,6 +375,7 @@ def _argmax_loop(model, prompt, n):
     return x
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attention", KINDS)
 def test_greedy_cached_generation_equals_uncached_argmax_loop(attention):
     model = gpt2(attention)
@@ -373,6 +385,7 @@ def test_greedy_cached_generation_equals_uncached_argmax_loop(attention):
     np.testing.assert_array_equal(out, _argmax_loop(model, prompt, 4))
 
 
+@pytest.mark.slow
 def test_decode_step_is_compiled_once_and_reused():
     model = gpt2("entmax")
     prompt = ids((1, 7), seed=11)  # a shape no other test uses: the first call traces
@@ -384,6 +397,7 @@ def test_decode_step_is_compiled_once_and_reused():
     assert gpt2_module.TRACE_COUNTS["decode"] - before.get("decode", 0) == 1
 
 
+@pytest.mark.slow
 def test_sampling_options():
     model = gpt2("entmax")
     prompt = ids((1, 4), seed=12)
@@ -403,6 +417,7 @@ def test_sampling_options():
         model.generate(prompt, 2, temperature=1.0)
 
 
+@pytest.mark.slow
 def test_generate_arguments_are_checked_and_named():
     model = gpt2("entmax")
     prompt = ids((2, 4), seed=13)
@@ -489,6 +504,7 @@ def test_bad_inputs_are_named():
         b(jnp.zeros((1, 65), jnp.int32))
 
 
+@pytest.mark.slow
 def test_adasplash_takes_left_padding_like_entmax():
     """The Pallas path folds a key-padding mask into segment ids: left padding works, traced too."""
     model = gpt2("adasplash")

@@ -58,6 +58,7 @@ def _state_dicts_equal(a, b):
         assert torch.equal(sa[k], sb[k]), k
 
 
+@pytest.mark.slow
 def test_gpt2_logits_match_transformers(gpt2_dir):
     ref, path = gpt2_dir
     model = from_pretrained(path)
@@ -75,6 +76,7 @@ def test_gpt2_logits_match_transformers(gpt2_dir):
     np.testing.assert_allclose(got[1, :7], expected[1, :7], atol=ATOL, rtol=0)
 
 
+@pytest.mark.slow
 def test_gpt2_greedy_generation_matches_transformers(gpt2_dir):
     ref, path = gpt2_dir
     model = from_pretrained(path)
@@ -85,6 +87,7 @@ def test_gpt2_greedy_generation_matches_transformers(gpt2_dir):
     np.testing.assert_array_equal(model.generate(jnp.asarray(x), 6), expected)
 
 
+@pytest.mark.slow
 def test_gpt2_round_trip_reproduces_weights(gpt2_dir, tmp_path):
     ref, path = gpt2_dir
     model = from_pretrained(path, attention="entmax", alpha=1.7)
@@ -98,6 +101,7 @@ def test_gpt2_round_trip_reproduces_weights(gpt2_dir, tmp_path):
     np.testing.assert_allclose(again(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["BertModel", "BertForMaskedLM", "BertForSequenceClassification"])
 def test_bert_outputs_match_transformers_with_padding(arch, tmp_path):
     torch.manual_seed(1)
@@ -124,6 +128,7 @@ def test_bert_outputs_match_transformers_with_padding(arch, tmp_path):
     _state_dicts_equal(ref, back)
 
 
+@pytest.mark.slow
 def test_pytorch_bin_checkpoint_loads(tmp_path):
     torch.manual_seed(2)
     ref = transformers.BertForSequenceClassification(_bert_config()).eval()
@@ -138,6 +143,7 @@ def test_pytorch_bin_checkpoint_loads(tmp_path):
     np.testing.assert_allclose(model(jnp.asarray(x)), expected, atol=ATOL, rtol=0)
 
 
+@pytest.mark.slow
 def test_entmax_attention_maps_match_torch_entmax(gpt2_dir):
     """Layer 0's maps and sparsity against scores recomputed in torch + the `entmax` package."""
     ref, path = gpt2_dir
@@ -167,6 +173,7 @@ def _write_config(path, **cfg):
         json.dump(cfg, f)
 
 
+@pytest.mark.slow
 def test_bad_checkpoints_are_named(gpt2_dir, tmp_path):
     _, good = gpt2_dir
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -216,6 +223,7 @@ def test_learned_alpha_survives_save_and_load(tmp_path):
 
 
 
+@pytest.mark.slow
 def test_gpt2_base_model_checkpoint_loads_as_tied_lm(tmp_path):
     """A GPT2Model checkpoint (names without "transformer.") gives the LM with the tied head."""
     torch.manual_seed(5)
@@ -228,6 +236,7 @@ def test_gpt2_base_model_checkpoint_loads_as_tied_lm(tmp_path):
     np.testing.assert_allclose(model(jnp.asarray(x)), expected, atol=ATOL, rtol=0)
 
 
+@pytest.mark.slow
 def test_bfloat16_safetensors_checkpoint_loads(tmp_path):
     torch.manual_seed(6)
     ref = transformers.BertForMaskedLM(_bert_config()).eval().to(torch.bfloat16)

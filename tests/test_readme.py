@@ -31,6 +31,7 @@ def test_the_docs_have_python_blocks():
     assert len(python_blocks("models/README.md")) >= 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("doc,index,block", CASES)
 def test_python_block_runs_and_prints(doc, index, block, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -23,6 +23,7 @@ def qkv(b=8, t=16, h=4, d=8, kv_heads=None):
             jax.random.normal(ks[2], (b, t, kvh, d)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh_shape, names, batch_axes, head_axis", [
     ((2, 4), ("data", "fsdp"), ("data", "fsdp"), None),
     ((2, 4), ("data", "heads"), ("data",), "heads"),
@@ -47,6 +48,7 @@ def test_matches_unsharded_forward_and_grad(mesh_shape, names, batch_axes, head_
         np.testing.assert_allclose(a, b, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_mask_scalar_alpha_gqa_and_fallback():
     mesh = mesh_of((4, 2), ("data", "fsdp"))
     f = shard_attention(entmax_attention, mesh)
@@ -67,6 +69,7 @@ def test_one_device_mesh_returns_the_function():
     assert shard_attention(entmax_attention, mesh) is entmax_attention
 
 
+@pytest.mark.slow
 def test_pallas_kernel_under_shard_map():
     """The AdaSplash Pallas kernel (interpret mode on CPU) per batch shard."""
     mesh = mesh_of((2,), ("data",))
@@ -77,6 +80,7 @@ def test_pallas_kernel_under_shard_map():
     np.testing.assert_allclose(out, ref, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_per_head_alpha_tuple_is_sliced_per_head_shard():
     mesh = mesh_of((2, 2), ("data", "heads"))
     f = shard_attention(entmax_attention, mesh, batch_axes=("data",), head_axis="heads")

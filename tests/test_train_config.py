@@ -82,6 +82,7 @@ def test_bert_task_defaults_come_from_one_parse(monkeypatch):
     assert e.value.code == 2
 
 
+@pytest.mark.slow
 def test_optimizer_is_built_from_its_own_config():
     from train.config import OptimConfig
 
@@ -149,6 +150,7 @@ def test_bad_config_fails_before_compiling(tmp_path, monkeypatch, overrides, fie
     assert str(e.value).startswith(field + ":")
 
 
+@pytest.mark.slow
 def test_cli_bad_config_exit_status_and_message(tmp_path):
     t0 = time.time()
     p = subprocess.run([sys.executable, "-m", "train.gpt2", "--lr", "-1", "--out", str(tmp_path / "r")],
@@ -162,6 +164,7 @@ def test_cli_bad_config_exit_status_and_message(tmp_path):
 # ------------------------------------------------------------------------------------------------------ data
 
 
+@pytest.mark.slow
 def test_stdlib_corpus_split_is_deterministic_and_disjoint(tmp_path):
     c1 = load_corpus(cache_dir=tmp_path, log=lambda *_: None)
     assert c1.cache_path is not None and c1.cache_path.exists()
@@ -299,6 +302,7 @@ def test_config_is_a_dataclass():
         override(TrainConfig(), stepz=3)
 
 
+@pytest.mark.slow
 def test_init_from_a_hugging_face_folder(tmp_path):
     from flax import nnx
 

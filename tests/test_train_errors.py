@@ -156,6 +156,7 @@ def test_init_from_a_broken_config_json(capsys, monkeypatch, tmp_path, saved_mod
     assert "JSONDecodeError" in line
 
 
+@pytest.mark.slow
 def test_cli_data_error_exit_status_and_one_line(tmp_path):
     p = subprocess.run([sys.executable, "-m", "train.gpt2", "--data", "/dev/null", "--out", str(tmp_path / "r")],
                        capture_output=True, text=True, cwd=REPO, timeout=120)
