@@ -15,19 +15,7 @@ from train.trainer import run
 QUIET = dict(log=lambda *_: None)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def compilation_cache(tmp_path_factory):
-    """Runs in this module compile the same programs again and again (a fresh jit per run): share them through
-    JAX's persistent compilation cache, in a temporary folder, for this module only."""
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    old = {n: getattr(jax.config, n) for n in names}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    yield
-    for n, v in old.items():
-        jax.config.update(n, v)
+pytestmark = pytest.mark.usefixtures("persistent_compilation_cache")
 
 
 def cfg_for(tmp_path, name="run", **kw):

@@ -16,24 +16,11 @@ from train.config import make_config
 from train.tasks import make_task, sparsity
 from train.trainer import make_mesh, run, state_shardings
 
-pytestmark = pytest.mark.slow  # interrupted and resumed training runs
+pytestmark = [pytest.mark.slow,  # interrupted and resumed training runs
+              pytest.mark.usefixtures("persistent_compilation_cache")]
 
 QUIET = dict(log=lambda *_: None)
 TIMING = ("tokens_per_s", "elapsed_s")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def compilation_cache(tmp_path_factory):
-    """The runs here compile the same programs again and again: share them through a temporary persistent cache."""
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    old = {n: getattr(jax.config, n) for n in names}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    yield
-    for n, v in old.items():
-        jax.config.update(n, v)
 
 
 def cfg_for(tmp_path, name, **kw):
