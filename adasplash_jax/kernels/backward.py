@@ -166,6 +166,7 @@ def backward(cfg: KernelConfig, alpha, q_len, kv_len, q, k, v, tile_inputs: Tile
         out_specs,
         out_shape,
         "entmax_attention_dkdv",
+        "backward",
     )(alpha, q_len, kv_len, q, k, v, d_out, kv_grid_inputs, *row_inputs, kv_counts, kv_lists)
 
     # dQ (and the α-gradient row terms): grid over query blocks, looping over active key blocks.
@@ -198,6 +199,7 @@ def backward(cfg: KernelConfig, alpha, q_len, kv_len, q, k, v, tile_inputs: Tile
         out_specs,
         out_shape,
         "entmax_attention_dq",
+        "backward",
         input_output_aliases=aliases,
     )(*inputs)
     return dkdv, dq_outs, (kv_counts, kv_lists)

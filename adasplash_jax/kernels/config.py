@@ -31,6 +31,10 @@ class BlockSizes:
     or a Halley step from |Σp − 1| ≤ 1e-4), at most ``MAX_SOLVER_PASSES`` passes; an int
     makes exactly that many passes (for benchmarks and tests). Sparsemax-like rows with many
     entries near the threshold need the most: 6 fixed passes left errors of 2e-3 there.
+
+    ``num_warps`` / ``num_stages`` launch the forward kernel; ``tau_num_warps`` the τ kernel and
+    ``backward_num_warps`` / ``backward_num_stages`` the dK/dV and dQ kernels (None: as the
+    forward).
     """
 
     block_q: int = 64
@@ -38,16 +42,32 @@ class BlockSizes:
     num_warps: int = 4
     num_stages: int = 2
     n_iter: int | None = None
+    tau_num_warps: int | None = None
+    backward_num_warps: int | None = None
+    backward_num_stages: int | None = None
 
     def solver_passes(self) -> int:
         return MAX_SOLVER_PASSES if self.n_iter is None else self.n_iter
 
+    def launch(self) -> dict[str, tuple[int, int]]:
+        """(num_warps, num_stages) of each kernel stage: "tau", "forward", "backward"."""
+        return dict(tau=(self.tau_num_warps or self.num_warps, self.num_stages),
+                    forward=(self.num_warps, self.num_stages),
+                    backward=(self.backward_num_warps or self.num_warps, self.backward_num_stages or self.num_stages))
+
     @classmethod
     def for_head_dim(cls, head_dim: int) -> "BlockSizes":
+        """The defaults, chosen from the kernels compiled for sm_80 and sm_90 (python -m adasplash_jax.aot,
+        2026-12-01, bf16): the τ kernel at 8 warps (4 warps: ptxas keeps 168 registers and spills 12–16 B
+        on sm_80; 8: 124–128, none); the backward kernels at one stage from d = 64 (two stages: dK/dV
+        at 255 registers spills 16–24 B on sm_80; one stage: 224–253, none) and 8 warps (the
+        learned-α dQ spills 96 B at 4 warps)."""
+        if head_dim <= 32:
+            return cls(64, 64, 4, 2, tau_num_warps=8, backward_num_warps=8, backward_num_stages=1)
         if head_dim <= 64:
-            return cls(64, 64, 4, 2)
+            return cls(64, 64, 4, 2, tau_num_warps=8, backward_num_warps=8, backward_num_stages=1)
         if head_dim <= 128:
-            return cls(64, 64, 8, 2)
+            return cls(64, 64, 8, 2, tau_num_warps=8, backward_num_warps=8, backward_num_stages=1)
         return cls(32, 32, 8, 1)
 
     def __post_init__(self):
@@ -57,10 +77,14 @@ class BlockSizes:
                 raise ValueError(f"`BlockSizes.{name}` must be a power of two ≥ 16, got {b}")
         if self.n_iter is not None and (not isinstance(self.n_iter, int) or self.n_iter < 1):
             raise ValueError(f"`BlockSizes.n_iter` must be an int ≥ 1 or None, got {self.n_iter!r}")
-        if not isinstance(self.num_warps, int) or self.num_warps < 1 or self.num_warps & (self.num_warps - 1):
-            raise ValueError(f"`BlockSizes.num_warps` must be a power of two ≥ 1, got {self.num_warps!r}")
-        if not isinstance(self.num_stages, int) or self.num_stages < 1:
-            raise ValueError(f"`BlockSizes.num_stages` must be an int ≥ 1, got {self.num_stages!r}")
+        for name in ("num_warps", "tau_num_warps", "backward_num_warps"):
+            w = getattr(self, name)
+            if (w is not None or name == "num_warps") and (not isinstance(w, int) or w < 1 or w & (w - 1)):
+                raise ValueError(f"`BlockSizes.{name}` must be a power of two ≥ 1, got {w!r}")
+        for name in ("num_stages", "backward_num_stages"):
+            n = getattr(self, name)
+            if (n is not None or name == "num_stages") and (not isinstance(n, int) or n < 1):
+                raise ValueError(f"`BlockSizes.{name}` must be an int ≥ 1, got {n!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,8 +98,7 @@ class KernelConfig:
     head_dim: int
     block_q: int
     block_k: int
-    num_warps: int
-    num_stages: int
+    launch: tuple  # ((stage, (num_warps, num_stages)), ...) for "tau", "forward", "backward"
     n_iter: int  # solver passes: exactly, or at most when adaptive
     adaptive: bool
     causal: bool
@@ -132,8 +155,9 @@ class KernelConfig:
     def kv_blocks_padded(self) -> int:
         return pl.next_power_of_2(self.num_kv_blocks)
 
-    def compiler_params(self):
-        return plgpu.CompilerParams(num_warps=self.num_warps, num_stages=self.num_stages)
+    def compiler_params(self, stage: str):
+        num_warps, num_stages = dict(self.launch)[stage]
+        return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
 def _resolve_interpret(interpret: bool | None) -> bool:
@@ -194,7 +218,7 @@ def make_config(inp: AttentionInputs, block_sizes: BlockSizes | None, interpret:
     dense_mask = None if inp.mask is None or padding_mask else inp.mask
     return KernelConfig(
         q_len=T, kv_len=S, num_heads=N, num_kv_heads=K, head_dim=H,
-        block_q=block_q, block_k=block_k, num_warps=bs.num_warps, num_stages=bs.num_stages,
+        block_q=block_q, block_k=block_k, launch=tuple(bs.launch().items()),
         n_iter=bs.solver_passes(), adaptive=bs.n_iter is None, causal=inp.is_causal, window=inp.window,
         scale=inp.scale,
         alpha_static=alpha_static,

@@ -98,6 +98,7 @@ def forward(cfg: KernelConfig, alpha, q_len, kv_len, q, k, v, tile_inputs: TileI
         out_specs,
         out_shape,
         "entmax_attention_forward",
+        "forward",
     )(alpha, q_len, kv_len, q, k, v, tile_inputs, tau, row_max, q_counts, q_lists)
     out, norm, *outs = outs
     nonzero = outs.pop(0) if cfg.count_nonzero else jnp.zeros_like(allowed)

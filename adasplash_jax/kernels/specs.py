@@ -76,14 +76,15 @@ def tile_input_specs(cfg: KernelConfig, specs, grid_over: str):
     return TileInputs(*out)
 
 
-def call(kernel, cfg, grid, in_specs, out_specs, out_shape, name, input_output_aliases=None):
+def call(kernel, cfg, grid, in_specs, out_specs, out_shape, name, stage, input_output_aliases=None):
+    """The pallas_call of one kernel; ``stage`` ("tau", "forward", "backward") picks its launch parameters."""
     return pl.pallas_call(
         kernel,
         grid=grid,
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=cfg.compiler_params(),
+        compiler_params=cfg.compiler_params(stage),
         interpret=cfg.interpret,
         name=name,
         input_output_aliases=input_output_aliases or {},

@@ -181,6 +181,7 @@ def thresholds(cfg: KernelConfig, alpha, q_len, kv_len, q, k, tile_inputs: TileI
         out_specs,
         out_shape,
         "entmax_threshold",
+        "tau",
     )(alpha, q_len, kv_len, q, k, tile_inputs, visible)
     tau, row_max, allowed, block_mask, *debug = outs
     return tau, row_max, allowed, block_mask[..., : cfg.num_kv_blocks], debug
