@@ -68,10 +68,20 @@ def _program(variant, program: str):
     if traced_alpha:
         structs.append(jax.ShapeDtypeStruct((v.num_heads,), jnp.float32))
     kwargs = dict(is_causal=v.causal, implementation="pallas", interpret=False, block_sizes=v.block_sizes)
+    if "window" in v.features:
+        kwargs["local_window_size"] = (256, 0 if v.causal else 256)
+    # Array inputs after α, in this order (each present only with its feature).
+    extra = [name for name in ("alibi", "mask", "bias") if name in v.features]
+    extra_structs = dict(alibi=jax.ShapeDtypeStruct((v.num_heads,), jnp.float32),
+                         mask=jax.ShapeDtypeStruct((1, v.num_heads, v.seq_len, v.seq_len), jnp.bool_),
+                         bias=jax.ShapeDtypeStruct((v.batch, 1, v.seq_len, v.seq_len), dt))
+    structs += [extra_structs[name] for name in extra]
 
-    def attend(q, k, val, *alpha):
-        a = alpha[0] if traced_alpha else float(v.alpha)
-        return adasplash_jax.entmax_attention(q, k, val, alpha=a, **kwargs)
+    def attend(q, k, val, *rest):
+        a = rest[0] if traced_alpha else float(v.alpha)
+        arrays = dict(zip(extra, rest[1:] if traced_alpha else rest))
+        return adasplash_jax.entmax_attention(q, k, val, arrays.get("bias"), arrays.get("mask"), alpha=a,
+                                              alibi_slopes=arrays.get("alibi"), **kwargs)
 
     if program == "inference":
         return attend, structs
@@ -80,6 +90,8 @@ def _program(variant, program: str):
         return attend(*args).astype(jnp.float32).sum()
 
     argnums = (0, 1, 2, 3) if v.alpha == "learned" else (0, 1, 2)
+    if "bias" in v.features:
+        argnums += (len(structs) - 1,)
     return jax.grad(loss, argnums=argnums), structs
 
 

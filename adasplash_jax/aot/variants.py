@@ -9,6 +9,10 @@ import itertools
 
 PROGRAMS = ("inference", "training")
 ALPHA_MODES = ("head", "learned")  # α as a per-head array; "learned" also differentiates it
+# Optional inputs that change the kernels: a local window (left 256, and right 256 unless causal),
+# ALiBi slopes [heads], a dense bool mask shared by the batch [1, heads, L, L], a dense bias shared
+# by the heads [batch, 1, L, L] (differentiated in the training program).
+FEATURES = ("window", "alibi", "mask", "bias")
 _DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 
@@ -24,6 +28,7 @@ class Variant:
     batch: int = 1
     block_sizes: object = None  # an adasplash_jax.BlockSizes, or None for the library's defaults
     programs: tuple = PROGRAMS
+    features: tuple = ()  # a subset of FEATURES
 
     def __post_init__(self):
         if self.dtype not in _DTYPES:
@@ -32,6 +37,8 @@ class Variant:
             raise ValueError(f"`alpha` must be a float or one of {ALPHA_MODES}, got {self.alpha!r}")
         if not set(self.programs) <= set(PROGRAMS) or not self.programs:
             raise ValueError(f"`programs` must be a non-empty subset of {PROGRAMS}, got {self.programs!r}")
+        if not set(self.features) <= set(FEATURES):
+            raise ValueError(f"`features` must be a subset of {FEATURES}, got {self.features!r}")
 
     @property
     def kv_heads(self) -> int:
@@ -47,6 +54,8 @@ class Variant:
         if self.block_sizes is not None:
             b = self.block_sizes
             parts.append(f"tile{b.block_q}x{b.block_k}w{b.num_warps}s{b.num_stages}")
+        if self.features:
+            parts.append("+".join(self.features))
         return "-".join(parts)
 
     @property
@@ -63,7 +72,7 @@ def matrix(full: bool = False) -> list[Variant]:
     """The variants CI compiles for every target (tests/test_aot.py).
 
     bf16: every head dim × causal and not × every α mode; grouped-query attention; one long
-    sequence. fp16 (``full=False``): every head dim, causal, α = 1.5 and learned — on 2026-12-01 every
+    sequence; window + ALiBi and dense mask + bias at d = 64 and 128. fp16 (``full=False``): every head dim, causal, α = 1.5 and learned — on 2026-12-01 every
     fp16 kernel of the full product compiled to exactly the registers and spills of its bf16 twin,
     so the rest of the fp16 product costs CI time for nothing; ``full=True`` compiles it all.
     fp32 (reported, not held to the no-spill rule): d = 64, causal, α = 1.5 (its kernels spill
@@ -82,4 +91,7 @@ def matrix(full: bool = False) -> list[Variant]:
     out += [Variant(head_dim=d, dtype="bfloat16", causal=True, alpha=a, num_heads=8, num_kv_heads=2)
             for d in (64, 128) for a in (1.5, "learned")]
     out += [Variant(head_dim=d, dtype="bfloat16", causal=True, alpha=1.5, seq_len=16384) for d in (64, 128)]
+    # The kernels' optional inputs: window + ALiBi, dense mask + bias (with its gradient).
+    out += [Variant(head_dim=d, dtype="bfloat16", causal=True, alpha=1.5, features=f)
+            for d in (64, 128) for f in (("window", "alibi"), ("mask", "bias"))]
     return out
