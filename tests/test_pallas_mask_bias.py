@@ -175,3 +175,30 @@ def test_mask_and_bias_kernels_lower_for_cuda(mask_shape, bias_shape):
         jax.jit(jax.grad(loss, argnums=argnums)), platforms=["cuda"],
         disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*structs, *extra)
     assert exported.mlir_module().count("__gpu$xla.gpu.triton") == 4  # τ, forward, dK/dV, dQ
+
+
+@pytest.fixture
+def x64():
+    jax.config.update("jax_enable_x64", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_x64", False)
+
+
+@pytest.mark.slow
+def test_mask_and_bias_under_x64_and_with_an_empty_batch(x64):
+    r = np.random.default_rng(12)
+    q = jnp.asarray(r.normal(size=(1, 20, 2, H)), jnp.float32)
+    mask = jnp.asarray(r.random((1, 1, 20, 20)) < 0.7)
+    bias = jnp.asarray(r.normal(size=(1, 2, 20, 20)), jnp.float32)
+    out, vjp = jax.vjp(lambda b: attend("pallas", q, q, q, b, mask), bias)
+    ref, vjp_ref = jax.vjp(lambda b: attend("xla", q, q, q, b, mask), bias)
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(out, ref, atol=2e-5)
+    (d_bias,), (d_bias_ref,) = vjp(jnp.ones_like(out)), vjp_ref(jnp.ones_like(ref))
+    assert d_bias.dtype == jnp.float32
+    np.testing.assert_allclose(d_bias, d_bias_ref, atol=2e-5)
+    empty = jnp.zeros((0, 20, 2, H), jnp.float32)
+    assert attend("pallas", empty, empty, empty, None, jnp.ones((0, 1, 20, 20), bool)).shape == empty.shape
+    assert attend("pallas", empty, empty, empty, jnp.zeros((0, 2, 20, 20))).shape == empty.shape
