@@ -22,7 +22,9 @@ tools raise :class:`AotToolsMissing`, whose message names the extra.
 
 Compile results are cached by kernel (Triton IR and launch parameters), target and tool versions
 in ``~/.cache/adasplash_jax/aot`` (``ADASPLASH_AOT_CACHE``: another folder, or 0 for none), so a
-rerun after changing one kernel recompiles only that kernel; lowering always runs.
+rerun after changing one kernel recompiles only that kernel; lowering always runs. The kernel is
+keyed by its IR without source locations (:func:`capture.kernel_key`): those name the checkout's
+path and the lines, so a clone elsewhere, or an edit that only moves code, still hits the cache.
 
 The plugin is only ever initialised in worker processes started with ``JAX_PLATFORMS=cpu`` (so it
 registers its Triton compiler without looking for a GPU, cuDNN or a driver); the calling process
@@ -93,7 +95,7 @@ class KernelRecord:
     sass_mma: int | None = None
     loops: tuple = ()  # LoopStats of each innermost loop, in address order (with sass=True)
     error: str | None = None
-    key: str | None = None  # equal keys: the same kernel (same IR and launch parameters)
+    key: str | None = None  # equal keys: the same kernel (same IR without locations, same launch parameters)
     compile_seconds: dict = dataclasses.field(default_factory=dict)  # triton, ptxas, nvdisasm
 
     @property

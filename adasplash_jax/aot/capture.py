@@ -186,6 +186,45 @@ def decode_kernel_call(proto: bytes) -> dict:
     )
 
 
+def _triton_ir_context():
+    """An MLIR context that reads Triton IR (as Pallas builds its own: upstream dialects and ``tt``)."""
+    from jax._src.interpreters import mlir as jmlir
+    from jax._src.lib import triton as xla_triton
+
+    ctx = jmlir.JaxIrContext()
+    ctx.append_dialect_registry(jmlir.upstream_dialects)
+    xla_triton.dialect.register_dialect(ctx)
+    ctx.load_all_available_dialects()
+    return ctx
+
+
+def ir_without_locations(bytecode: bytes) -> str:
+    """Triton IR bytecode as MLIR text without its locations.
+
+    The bytecode's locations name the Python source of every op by absolute path (the checkout, or
+    site-packages) and line, so the same kernel lowered from two clones differs byte for byte. The
+    text keeps every op, attribute and type: only the debug locations are left out. XLA's Triton
+    emits the same PTX, byte for byte, from the text parsed back as from the bytecode as lowered
+    (checked for the τ, forward, dK/dV and dQ kernels of three variants, sm_80 and sm_90).
+    """
+    from jax._src.lib.mlir import ir
+
+    with _triton_ir_context():
+        module = ir.Module.parse(bytecode)
+        return module.operation.get_asm(enable_debug_info=False, large_elements_limit=None)
+
+
+def kernel_key(call: dict) -> str:
+    """What names a kernel in the compile cache and in KernelRecord.key: a hash of its code without
+    source locations, and of num_warps and num_stages. It does not depend on where the package was
+    checked out or installed (nor on line numbers); kernels that differ in any op, attribute or type,
+    or in the launch parameters, get different keys. PTX (the compile-while-lowering path) is
+    hashed as it is: XLA's Triton emits it without debug information (no ``.file``/``.loc``)."""
+    code = ir_without_locations(call["ir"]) if "ir" in call else call["ptx"]
+    h = hashlib.sha256(code.encode() + repr((call["num_warps"], call["num_stages"])).encode())
+    return h.hexdigest()[:16]
+
+
 def lower_variant(variant, targets) -> list[dict]:
     """The kernel calls of every program of a variant. Each gets ``program``, ``target`` (None when
     one lowering serves every target, as on jaxlib 0.10.2) and ``key`` (identical kernels share it)."""
@@ -200,9 +239,7 @@ def lower_variant(variant, targets) -> list[dict]:
                 exported = export_for_cuda(fn, structs)
             seen = {}
             for call in triton_calls(exported.mlir_module()):
-                payload = call.get("ir") or call["ptx"].encode()
-                h = hashlib.sha256(payload + repr((call["num_warps"], call["num_stages"])).encode())
-                call.update(program=program, target=None if target is None else target.name, key=h.hexdigest()[:16])
+                call.update(program=program, target=None if target is None else target.name, key=kernel_key(call))
                 # A program may call one pallas_call twice; number the repeats.
                 n = seen.get(call["name"], 0)
                 seen[call["name"]] = n + 1
@@ -272,7 +309,7 @@ def _cache_path(call, target, tools, sass):
     if root in ("", "0"):
         return None
     ident = repr((call["key"], target.name, target.arch, tools.jaxlib_version, tools.plugin_version,
-                  tools.ptxas_version, bool(sass), 1))
+                  tools.ptxas_version, bool(sass), 2))  # 2: location-free keys
     return os.path.join(root, hashlib.sha256(ident.encode()).hexdigest()[:32] + ".pkl")
 
 
