@@ -1,7 +1,8 @@
 """Lowering the kernels for CUDA and compiling each one: the part that needs the CUDA plugin.
 
-It runs in worker processes started with ``JAX_PLATFORMS=cpu`` (see ``adasplash_jax.aot``), where
-XLA's CUDA plugin registers its Triton compiler without looking for a GPU, cuDNN or a driver.
+It runs in a driver process started with ``JAX_PLATFORMS=cpu`` (see ``adasplash_jax.aot``) and in
+the pool of processes the driver spawns (they inherit that environment), where XLA's CUDA plugin
+registers its Triton compiler without looking for a GPU, cuDNN or a driver.
 
 The kernels are driven only through the public API: ``entmax_attention(..., implementation="pallas",
 interpret=False)`` and ``jax.grad`` of it, exported for ``cuda`` with ``jax.export``; every Pallas
@@ -10,8 +11,10 @@ Triton kernel is a custom call in the exported StableHLO, named after its ``pall
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import hashlib
+import multiprocessing
 import os
 import pickle
 import subprocess
@@ -313,27 +316,41 @@ def _cache_path(call, target, tools, sass):
     return os.path.join(root, hashlib.sha256(ident.encode()).hexdigest()[:32] + ".pkl")
 
 
-def _compile_cached(call, target, tools, sass, workdir):
-    path = _cache_path(call, target, tools, sass)
-    if path and os.path.exists(path):
-        try:
-            with open(path, "rb") as f:
-                res = pickle.load(f)
-            return dict(res, seconds={}, cached=True)
-        except Exception:  # noqa: BLE001 - a damaged entry is recompiled
-            pass
-    res = compile_kernel(call, target, tools, sass, workdir)
-    if path and res["error"] is None:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "wb") as f:
-            pickle.dump(res, f)
-        os.replace(tmp, path)
-    return res
+def _load_cached(path):
+    """A cached compile result, or None (no entry, no cache, or a damaged entry: recompiled)."""
+    if not path or not os.path.exists(path):
+        return None
+    try:
+        with open(path, "rb") as f:
+            res = pickle.load(f)
+    except Exception:  # noqa: BLE001
+        return None
+    return dict(res, seconds={}, cached=True)
 
 
-def run(request: dict) -> dict:
-    """Lower every variant, then compile each distinct kernel once per target."""
+def _store(path, res):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        pickle.dump(res, f)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------ the pool
+#
+# XLA's Triton compile holds the GIL (two threads compile two kernels no faster than one), so the
+# work is spread over processes: a pool of `jobs` spawned processes lowers every variant, then
+# compiles each distinct (kernel, target) that is not cached; the driver (run) only hands out work
+# and reads and checks the cache. Each task is small (a lowering or one kernel for one target), so
+# the processes stay busy to the end, whatever the kernels cost.
+
+_triton_ready = False
+
+
+def _ensure_triton():
+    global _triton_ready
+    if _triton_ready:
+        return
     import jax
     from jax._src.lib import triton as xla_triton
 
@@ -343,33 +360,76 @@ def run(request: dict) -> dict:
             "XLA's Triton compiler for CUDA is not registered: the jax-cuda13-plugin did not initialise "
             "(it must match jaxlib exactly, and this process needs JAX_PLATFORMS=cpu on a machine without a GPU)"
         )
+    _triton_ready = True
+
+
+def _lower_task(variant, targets):
+    """(calls, None), or (None, the traceback) when the variant does not lower."""
+    _ensure_triton()
+    t0 = time.perf_counter()
+    try:
+        calls = lower_variant(variant, targets)
+    except Exception:  # noqa: BLE001 - a variant that does not lower is a result, not a crash
+        return None, traceback.format_exc(limit=8)
+    seconds = time.perf_counter() - t0
+    for call in calls:
+        call["lower_seconds"] = seconds
+    return calls, None
+
+
+def _compile_task(call, target, tools, sass, workdir, cache_path):
+    _ensure_triton()
+    res = compile_kernel(call, target, tools, sass, workdir)
+    if cache_path and res["error"] is None:
+        _store(cache_path, res)
+    return res
+
+
+_KERNEL_FIELDS = ("key", "ir", "ptx", "smem_bytes", "num_warps", "num_stages")
+
+
+def run(request: dict) -> dict:
+    """Lower every variant, then compile each distinct kernel once per target (the cached ones not),
+    in a pool of ``request["jobs"]`` processes."""
     targets, tools, sass = request["targets"], request["tools"], request["sass"]
 
     def wants_sass(v):
         return sass if isinstance(sass, bool) else v.name in sass
 
-    calls, errors, compiled = {}, {}, {}
-    with tempfile.TemporaryDirectory(prefix="adasplash_aot_") as workdir:
-        for v in sorted(request["variants"], key=lambda v: not wants_sass(v)):  # disassembled ones first
-            t0 = time.perf_counter()
-            try:
-                calls[v.name] = lower_variant(v, targets)
-            except Exception:  # noqa: BLE001
-                errors[v.name] = traceback.format_exc(limit=8)
-                continue
-            lower_s = time.perf_counter() - t0
-            for call in calls[v.name]:
-                call["lower_seconds"] = lower_s
-                for target in targets:
-                    if call["target"] not in (None, target.name):
-                        continue
-                    k = (call["key"], target.name)
-                    if k not in compiled:
-                        compiled[k] = _compile_cached(call, target, tools, wants_sass(v), workdir)
-        for cs in calls.values():  # the bytecode is not needed past this point
-            for call in cs:
-                call.pop("ir", None)
-                call.pop("ptx", None)
+    # Disassembled variants first: a kernel they share with others is compiled with nvdisasm.
+    variants = sorted(request["variants"], key=lambda v: not wants_sass(v))
+    calls, errors, compiled, todo = {}, {}, {}, {}
+    pool = concurrent.futures.ProcessPoolExecutor(max(1, request.get("jobs") or 1),
+                                                  mp_context=multiprocessing.get_context("spawn"))
+    try:
+        with tempfile.TemporaryDirectory(prefix="adasplash_aot_") as workdir:
+            lowering = [(v, pool.submit(_lower_task, v, targets)) for v in variants]
+            for v, future in lowering:
+                cs, error = future.result()
+                if error is not None:
+                    errors[v.name] = error
+                    continue
+                calls[v.name] = cs
+                for call in cs:
+                    for target in targets:
+                        k = (call["key"], target.name)
+                        if call["target"] not in (None, target.name) or k in compiled or k in todo:
+                            continue
+                        path = _cache_path(call, target, tools, wants_sass(v))
+                        hit = _load_cached(path)
+                        if hit is not None:
+                            compiled[k] = hit
+                            continue
+                        kernel = {f: call[f] for f in _KERNEL_FIELDS if f in call}
+                        todo[k] = pool.submit(_compile_task, kernel, target, tools, wants_sass(v), workdir, path)
+            for k, future in todo.items():
+                compiled[k] = future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    for cs in calls.values():  # the bytecode is not needed past this point
+        for call in cs:
+            call.pop("ir", None)
+            call.pop("ptx", None)
     return dict(calls=calls, errors=errors, compiled=compiled)
 
 
@@ -383,4 +443,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    # Run the module under its own name: the pool's processes unpickle its tasks by that name.
+    from adasplash_jax.aot import capture
+
+    capture.main(sys.argv[1:])
