@@ -271,6 +271,58 @@ def test_decode_compiled_kernel_call():
                        compute_capability=90, grid=(2, 3, 4))
 
 
+_KEY_CODE = """
+import io, re, jax
+jax.devices()
+from jax._src.lib.mlir import ir
+from adasplash_jax.aot import capture
+from adasplash_jax.aot.variants import Variant
+
+def inference(alpha):
+    calls = capture.lower_variant(Variant(head_dim=32, alpha=alpha, programs=("inference",)), [None])
+    return {c["name"]: c for c in calls}
+
+def relocated(bytecode, root):
+    # The same kernel lowered from a checkout elsewhere: every location's path moved, lines shifted.
+    with capture._triton_ir_context():
+        text = ir.Module.parse(bytecode).operation.get_asm(enable_debug_info=True)
+        def move(m):
+            return 'loc("' + m.group(1).replace(root, "/elsewhere/clone") + '":' + str(int(m.group(2)) + 7)
+        moved = re.sub(r'loc\\("([^"]+)":(\\d+)', move, text)
+        assert moved != text
+        buf = io.BytesIO()
+        ir.Module.parse(moved).operation.write_bytecode(buf)
+        return buf.getvalue()
+
+root = ROOT
+a, b = inference(1.5), inference(2.0)
+out = []
+for name, call in a.items():
+    assert root.encode() in call["ir"], name
+    moved = dict(call, ir=relocated(call["ir"], root))
+    assert moved["ir"] != call["ir"] and root.encode() not in moved["ir"]
+    out.append((name, call["key"], capture.kernel_key(moved), b[name]["key"],
+                capture.kernel_key(dict(call, num_stages=call["num_stages"] + 1))))
+print(repr(out))
+"""
+
+
+def test_kernel_key_ignores_source_paths():
+    """The cache key of a lowered kernel stays when its source locations name another checkout (and
+    other lines), and differs for another kernel (α = 2 instead of 1.5) or other launch parameters."""
+    _need_tools()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = _KEY_CODE.replace("ROOT", repr(root + os.sep))
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=root,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = eval(p.stdout.strip().splitlines()[-1])
+    assert sorted(name for name, *_ in got) == ["entmax_attention_forward", "entmax_threshold"]
+    for name, key, moved, other_alpha, other_stages in got:
+        assert moved == key, name
+        assert len({key, other_alpha, other_stages}) == 3, name
+
+
 # --------------------------------------------------------------------------- parsers (no tools needed)
 
 PTXAS = """\

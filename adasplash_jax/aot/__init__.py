@@ -22,11 +22,15 @@ tools raise :class:`AotToolsMissing`, whose message names the extra.
 
 Compile results are cached by kernel (Triton IR and launch parameters), target and tool versions
 in ``~/.cache/adasplash_jax/aot`` (``ADASPLASH_AOT_CACHE``: another folder, or 0 for none), so a
-rerun after changing one kernel recompiles only that kernel; lowering always runs.
+rerun after changing one kernel recompiles only that kernel; lowering always runs. The kernel is
+keyed by its IR without source locations (:func:`capture.kernel_key`): those name the checkout's
+path and the lines, so a clone elsewhere, or an edit that only moves code, still hits the cache.
 
 The plugin is only ever initialised in worker processes started with ``JAX_PLATFORMS=cpu`` (so it
 registers its Triton compiler without looking for a GPU, cuDNN or a driver); the calling process
-keeps whatever backend it has.
+keeps whatever backend it has. The work is CPU-bound and XLA's Triton compile holds the GIL, so it
+is spread over ``jobs`` processes (one per CPU by default), one task per lowering and per kernel
+and target: a cold compile takes about (total CPU time) / jobs.
 
 Versions: tested with jax/jaxlib 0.10.2 (Python 3.11), where Pallas emits the Triton IR in the
 custom call and lowers it once for every target (its lowering assumes compute capability 9.0 without
@@ -44,6 +48,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import tempfile
@@ -93,7 +98,7 @@ class KernelRecord:
     sass_mma: int | None = None
     loops: tuple = ()  # LoopStats of each innermost loop, in address order (with sass=True)
     error: str | None = None
-    key: str | None = None  # equal keys: the same kernel (same IR and launch parameters)
+    key: str | None = None  # equal keys: the same kernel (same IR without locations, same launch parameters)
     compile_seconds: dict = dataclasses.field(default_factory=dict)  # triton, ptxas, nvdisasm
 
     @property
@@ -121,47 +126,40 @@ def _package_root() -> str:
     return str(Path(__file__).resolve().parents[2])
 
 
-def _shards(variants, jobs):
-    """Split variants over workers, keeping each group (shared kernels) in one worker."""
-    groups = {}
-    for v in variants:
-        groups.setdefault(v.group, []).append(v)
-    shards = [[] for _ in range(jobs)]
-    for g in sorted(groups.values(), key=len, reverse=True):
-        min(shards, key=len).extend(g)
-    return [s for s in shards if s]
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
-def _run_workers(variants, targets, tools, sass, jobs, timeout):
+def _run_driver(variants, targets, tools, sass, jobs, timeout):
+    """Run ``capture.run`` in a process of its own (JAX_PLATFORMS=cpu; it starts the compile pool)."""
     env = dict(os.environ)
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join(p for p in (_package_root(), env.get("PYTHONPATH")) if p)
     env.pop("XLA_FLAGS", None)  # e.g. a forced host device count: irrelevant to compiling
-    results = []
     with tempfile.TemporaryDirectory(prefix="adasplash_aot_req_") as tmp:
-        procs = []
-        for i, shard in enumerate(_shards(variants, jobs)):
-            req, resp, log = (os.path.join(tmp, f"{i}.{x}") for x in ("req", "resp", "log"))
-            with open(req, "wb") as f:
-                pickle.dump(dict(variants=shard, targets=targets, tools=tools, sass=sass), f)
-            with open(log, "w") as logf:
-                p = subprocess.Popen([sys.executable, "-m", "adasplash_jax.aot.capture", req, resp],
-                                     env=env, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-            procs.append((p, resp, log))
-        for p, resp, log in procs:
-            try:
-                rc = p.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                for q, _, _ in procs:
-                    q.kill()
-                raise
-            if rc != 0 or not os.path.exists(resp):
-                with open(log) as f:
-                    tail = f.read()[-6000:]
-                raise RuntimeError(f"AOT compile worker exited {rc}:\n{tail}")
-            with open(resp, "rb") as f:
-                results.append(pickle.load(f))
-    return results
+        req, resp, log = (os.path.join(tmp, x) for x in ("req", "resp", "log"))
+        with open(req, "wb") as f:
+            pickle.dump(dict(variants=variants, targets=targets, tools=tools, sass=sass, jobs=jobs), f)
+        with open(log, "w") as logf:
+            # A session of its own, so that a timeout ends the pool's processes with the driver.
+            p = subprocess.Popen([sys.executable, "-m", "adasplash_jax.aot.capture", req, resp], env=env,
+                                 stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 start_new_session=True)
+        try:
+            rc = p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+            raise
+        if rc != 0 or not os.path.exists(resp):
+            with open(log) as f:
+                tail = f.read()[-6000:]
+            raise RuntimeError(f"AOT compile worker exited {rc}:\n{tail}")
+        with open(resp, "rb") as f:
+            return pickle.load(f)
 
 
 def compile_variants(variants, targets=("sm_80", "sm_90"), *, sass=True, jobs: int | None = None,
@@ -169,22 +167,19 @@ def compile_variants(variants, targets=("sm_80", "sm_90"), *, sass=True, jobs: i
     """Compile every kernel of every variant for every target; one :class:`KernelRecord` each.
 
     ``sass``: disassemble (loop counts) every kernel, none (``False``: faster), or those of the
-    variants whose names are in the given collection. ``jobs``: worker processes
-    (default: the CPU count, at most the number of variant groups). A variant whose lowering fails
-    gives one record with kernel ``"<lowering>"`` and the traceback in ``error``.
+    variants whose names are in the given collection. ``jobs``: processes that lower and compile
+    (default: the CPUs this process may run on); each lowering and each kernel compile for one
+    target is a task of its own. A variant whose lowering fails gives one record with kernel
+    ``"<lowering>"`` and the traceback in ``error``.
     """
     variants = list(variants)
     targets = [get_target(t) for t in targets]
     if not isinstance(sass, bool):
         sass = frozenset(sass)
     tools = find_tools(bool(sass))
-    jobs = jobs or os.cpu_count() or 1
-    results = _run_workers(variants, targets, tools, sass, jobs, timeout)
-    calls, errors, compiled = {}, {}, {}
-    for r in results:
-        calls.update(r["calls"])
-        errors.update(r["errors"])
-        compiled.update(r["compiled"])
+    jobs = jobs or _cpu_count()
+    result = _run_driver(variants, targets, tools, sass, jobs, timeout)
+    calls, errors, compiled = result["calls"], result["errors"], result["compiled"]
     records = []
     for v in variants:
         if v.name in errors:

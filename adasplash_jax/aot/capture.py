@@ -1,7 +1,8 @@
 """Lowering the kernels for CUDA and compiling each one: the part that needs the CUDA plugin.
 
-It runs in worker processes started with ``JAX_PLATFORMS=cpu`` (see ``adasplash_jax.aot``), where
-XLA's CUDA plugin registers its Triton compiler without looking for a GPU, cuDNN or a driver.
+It runs in a driver process started with ``JAX_PLATFORMS=cpu`` (see ``adasplash_jax.aot``) and in
+the pool of processes the driver spawns (they inherit that environment), where XLA's CUDA plugin
+registers its Triton compiler without looking for a GPU, cuDNN or a driver.
 
 The kernels are driven only through the public API: ``entmax_attention(..., implementation="pallas",
 interpret=False)`` and ``jax.grad`` of it, exported for ``cuda`` with ``jax.export``; every Pallas
@@ -10,8 +11,10 @@ Triton kernel is a custom call in the exported StableHLO, named after its ``pall
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import hashlib
+import multiprocessing
 import os
 import pickle
 import subprocess
@@ -198,6 +201,45 @@ def decode_kernel_call(proto: bytes) -> dict:
     )
 
 
+def _triton_ir_context():
+    """An MLIR context that reads Triton IR (as Pallas builds its own: upstream dialects and ``tt``)."""
+    from jax._src.interpreters import mlir as jmlir
+    from jax._src.lib import triton as xla_triton
+
+    ctx = jmlir.JaxIrContext()
+    ctx.append_dialect_registry(jmlir.upstream_dialects)
+    xla_triton.dialect.register_dialect(ctx)
+    ctx.load_all_available_dialects()
+    return ctx
+
+
+def ir_without_locations(bytecode: bytes) -> str:
+    """Triton IR bytecode as MLIR text without its locations.
+
+    The bytecode's locations name the Python source of every op by absolute path (the checkout, or
+    site-packages) and line, so the same kernel lowered from two clones differs byte for byte. The
+    text keeps every op, attribute and type: only the debug locations are left out. XLA's Triton
+    emits the same PTX, byte for byte, from the text parsed back as from the bytecode as lowered
+    (checked for the τ, forward, dK/dV and dQ kernels of three variants, sm_80 and sm_90).
+    """
+    from jax._src.lib.mlir import ir
+
+    with _triton_ir_context():
+        module = ir.Module.parse(bytecode)
+        return module.operation.get_asm(enable_debug_info=False, large_elements_limit=None)
+
+
+def kernel_key(call: dict) -> str:
+    """What names a kernel in the compile cache and in KernelRecord.key: a hash of its code without
+    source locations, and of num_warps and num_stages. It does not depend on where the package was
+    checked out or installed (nor on line numbers); kernels that differ in any op, attribute or type,
+    or in the launch parameters, get different keys. PTX (the compile-while-lowering path) is
+    hashed as it is: XLA's Triton emits it without debug information (no ``.file``/``.loc``)."""
+    code = ir_without_locations(call["ir"]) if "ir" in call else call["ptx"]
+    h = hashlib.sha256(code.encode() + repr((call["num_warps"], call["num_stages"])).encode())
+    return h.hexdigest()[:16]
+
+
 def lower_variant(variant, targets) -> list[dict]:
     """The kernel calls of every program of a variant. Each gets ``program``, ``target`` (None when
     one lowering serves every target, as on jaxlib 0.10.2) and ``key`` (identical kernels share it)."""
@@ -212,9 +254,7 @@ def lower_variant(variant, targets) -> list[dict]:
                 exported = export_for_cuda(fn, structs)
             seen = {}
             for call in triton_calls(exported.mlir_module()):
-                payload = call.get("ir") or call["ptx"].encode()
-                h = hashlib.sha256(payload + repr((call["num_warps"], call["num_stages"])).encode())
-                call.update(program=program, target=None if target is None else target.name, key=h.hexdigest()[:16])
+                call.update(program=program, target=None if target is None else target.name, key=kernel_key(call))
                 # A program may call one pallas_call twice; number the repeats.
                 n = seen.get(call["name"], 0)
                 seen[call["name"]] = n + 1
@@ -284,31 +324,45 @@ def _cache_path(call, target, tools, sass):
     if root in ("", "0"):
         return None
     ident = repr((call["key"], target.name, target.arch, tools.jaxlib_version, tools.plugin_version,
-                  tools.ptxas_version, bool(sass), 1))
+                  tools.ptxas_version, bool(sass), 2))  # 2: location-free keys
     return os.path.join(root, hashlib.sha256(ident.encode()).hexdigest()[:32] + ".pkl")
 
 
-def _compile_cached(call, target, tools, sass, workdir):
-    path = _cache_path(call, target, tools, sass)
-    if path and os.path.exists(path):
-        try:
-            with open(path, "rb") as f:
-                res = pickle.load(f)
-            return dict(res, seconds={}, cached=True)
-        except Exception:  # noqa: BLE001 - a damaged entry is recompiled
-            pass
-    res = compile_kernel(call, target, tools, sass, workdir)
-    if path and res["error"] is None:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "wb") as f:
-            pickle.dump(res, f)
-        os.replace(tmp, path)
-    return res
+def _load_cached(path):
+    """A cached compile result, or None (no entry, no cache, or a damaged entry: recompiled)."""
+    if not path or not os.path.exists(path):
+        return None
+    try:
+        with open(path, "rb") as f:
+            res = pickle.load(f)
+    except Exception:  # noqa: BLE001
+        return None
+    return dict(res, seconds={}, cached=True)
 
 
-def run(request: dict) -> dict:
-    """Lower every variant, then compile each distinct kernel once per target."""
+def _store(path, res):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        pickle.dump(res, f)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------ the pool
+#
+# XLA's Triton compile holds the GIL (two threads compile two kernels no faster than one), so the
+# work is spread over processes: a pool of `jobs` spawned processes lowers every variant, then
+# compiles each distinct (kernel, target) that is not cached; the driver (run) only hands out work
+# and reads and checks the cache. Each task is small (a lowering or one kernel for one target), so
+# the processes stay busy to the end, whatever the kernels cost.
+
+_triton_ready = False
+
+
+def _ensure_triton():
+    global _triton_ready
+    if _triton_ready:
+        return
     import jax
     from jax._src.lib import triton as xla_triton
 
@@ -318,33 +372,76 @@ def run(request: dict) -> dict:
             "XLA's Triton compiler for CUDA is not registered: the jax-cuda13-plugin did not initialise "
             "(it must match jaxlib exactly, and this process needs JAX_PLATFORMS=cpu on a machine without a GPU)"
         )
+    _triton_ready = True
+
+
+def _lower_task(variant, targets):
+    """(calls, None), or (None, the traceback) when the variant does not lower."""
+    _ensure_triton()
+    t0 = time.perf_counter()
+    try:
+        calls = lower_variant(variant, targets)
+    except Exception:  # noqa: BLE001 - a variant that does not lower is a result, not a crash
+        return None, traceback.format_exc(limit=8)
+    seconds = time.perf_counter() - t0
+    for call in calls:
+        call["lower_seconds"] = seconds
+    return calls, None
+
+
+def _compile_task(call, target, tools, sass, workdir, cache_path):
+    _ensure_triton()
+    res = compile_kernel(call, target, tools, sass, workdir)
+    if cache_path and res["error"] is None:
+        _store(cache_path, res)
+    return res
+
+
+_KERNEL_FIELDS = ("key", "ir", "ptx", "smem_bytes", "num_warps", "num_stages")
+
+
+def run(request: dict) -> dict:
+    """Lower every variant, then compile each distinct kernel once per target (the cached ones not),
+    in a pool of ``request["jobs"]`` processes."""
     targets, tools, sass = request["targets"], request["tools"], request["sass"]
 
     def wants_sass(v):
         return sass if isinstance(sass, bool) else v.name in sass
 
-    calls, errors, compiled = {}, {}, {}
-    with tempfile.TemporaryDirectory(prefix="adasplash_aot_") as workdir:
-        for v in sorted(request["variants"], key=lambda v: not wants_sass(v)):  # disassembled ones first
-            t0 = time.perf_counter()
-            try:
-                calls[v.name] = lower_variant(v, targets)
-            except Exception:  # noqa: BLE001
-                errors[v.name] = traceback.format_exc(limit=8)
-                continue
-            lower_s = time.perf_counter() - t0
-            for call in calls[v.name]:
-                call["lower_seconds"] = lower_s
-                for target in targets:
-                    if call["target"] not in (None, target.name):
-                        continue
-                    k = (call["key"], target.name)
-                    if k not in compiled:
-                        compiled[k] = _compile_cached(call, target, tools, wants_sass(v), workdir)
-        for cs in calls.values():  # the bytecode is not needed past this point
-            for call in cs:
-                call.pop("ir", None)
-                call.pop("ptx", None)
+    # Disassembled variants first: a kernel they share with others is compiled with nvdisasm.
+    variants = sorted(request["variants"], key=lambda v: not wants_sass(v))
+    calls, errors, compiled, todo = {}, {}, {}, {}
+    pool = concurrent.futures.ProcessPoolExecutor(max(1, request.get("jobs") or 1),
+                                                  mp_context=multiprocessing.get_context("spawn"))
+    try:
+        with tempfile.TemporaryDirectory(prefix="adasplash_aot_") as workdir:
+            lowering = [(v, pool.submit(_lower_task, v, targets)) for v in variants]
+            for v, future in lowering:
+                cs, error = future.result()
+                if error is not None:
+                    errors[v.name] = error
+                    continue
+                calls[v.name] = cs
+                for call in cs:
+                    for target in targets:
+                        k = (call["key"], target.name)
+                        if call["target"] not in (None, target.name) or k in compiled or k in todo:
+                            continue
+                        path = _cache_path(call, target, tools, wants_sass(v))
+                        hit = _load_cached(path)
+                        if hit is not None:
+                            compiled[k] = hit
+                            continue
+                        kernel = {f: call[f] for f in _KERNEL_FIELDS if f in call}
+                        todo[k] = pool.submit(_compile_task, kernel, target, tools, wants_sass(v), workdir, path)
+            for k, future in todo.items():
+                compiled[k] = future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    for cs in calls.values():  # the bytecode is not needed past this point
+        for call in cs:
+            call.pop("ir", None)
+            call.pop("ptx", None)
     return dict(calls=calls, errors=errors, compiled=compiled)
 
 
@@ -358,4 +455,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    # Run the module under its own name: the pool's processes unpickle its tasks by that name.
+    from adasplash_jax.aot import capture
+
+    capture.main(sys.argv[1:])

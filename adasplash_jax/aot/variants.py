@@ -58,11 +58,6 @@ class Variant:
             parts.append("+".join(self.features))
         return "-".join(parts)
 
-    @property
-    def group(self) -> tuple:
-        """Variants in one group share most kernels (compiled once when lowered in one process)."""
-        return (self.head_dim, self.dtype, self.causal, self.seq_len)
-
 
 HEAD_DIMS = (32, 64, 128, 256)
 ALPHAS = (1.5, 2.0, 1.8, "head", "learned")
