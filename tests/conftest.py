@@ -34,3 +34,13 @@ def persistent_compilation_cache(tmp_path_factory):
     yield
     for n, v in old.items():
         jax.config.update(n, v)
+
+
+@pytest.fixture
+def x64():
+    """jax_enable_x64 on for one test."""
+    jax.config.update("jax_enable_x64", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_x64", False)

@@ -16,15 +16,6 @@ def rand(shape, seed, scale=1.0):
     return np.random.default_rng(seed).normal(size=shape) * scale
 
 
-@pytest.fixture
-def x64():
-    jax.config.update("jax_enable_x64", True)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_enable_x64", False)
-
-
 def central_difference(f, x, dx, h=1e-6):
     return (f(x + h * dx) - f(x - h * dx)) / (2 * h)
 

@@ -177,15 +177,6 @@ def test_mask_and_bias_kernels_lower_for_cuda(mask_shape, bias_shape):
     assert exported.mlir_module().count("__gpu$xla.gpu.triton") == 4  # τ, forward, dK/dV, dQ
 
 
-@pytest.fixture
-def x64():
-    jax.config.update("jax_enable_x64", True)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_enable_x64", False)
-
-
 @pytest.mark.slow
 def test_mask_and_bias_under_x64_and_with_an_empty_batch(x64):
     r = np.random.default_rng(12)
