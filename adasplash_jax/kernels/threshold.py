@@ -1,10 +1,11 @@
 """1. The τ kernel (grid: query blocks × batch × heads).
 
-Per query row: the row max, sum and allowed count in one pass over the reachable key
-blocks, then Halley–bisection passes (recomputing Q·Kᵀ tiles, never writing scores); the
-last pass also marks the block mask (a tile is active if it may hold a non-zero
-probability at the final τ). The normaliser Σp and the non-zero count are left to the
-forward kernel, which visits every active tile at the final τ anyway.
+Per query row: one pass over the reachable key blocks for the row max, sum and allowed count and
+a histogram of the scores below the max (kernels.histogram), which narrows τ's bracket to about a
+bin; then Halley–bisection passes (recomputing Q·Kᵀ tiles, never writing scores), each of which
+also marks the block mask (a tile is active if it may hold a non-zero probability at the final
+τ), so the last solver pass leaves the mask and no extra pass is made. The normaliser Σp and the
+non-zero count are left to the forward kernel, which visits every active tile at the final τ anyway.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from adasplash_jax.kernels import histogram
 from adasplash_jax.kernels.config import MASKED, KernelConfig
 from adasplash_jax.kernels.mask_info import visible_key_blocks
 from adasplash_jax.kernels.specs import block_specs, call, tile_input_specs, visible_block_specs
@@ -52,15 +54,19 @@ def _threshold_kernel(
             return lax.fori_loop(first_block, num_blocks, lambda j, c: body(j, True, c), carry)
         return split_loop(num_blocks, 0, interior, body, carry)
 
-    # Pass 1: row max m of the raw scores and Σ(d − m) for the Jensen bound (kept relative
-    # to the running max, so it stays exact at any score magnitude); `allowed` counts the
-    # keys seen so far (a tile's count is only reduced when segments make it irregular).
+    # Pass 1: row max m of the raw scores, Σ(d − m) for the Jensen bound (kept relative to the
+    # running max, so it stays exact at any score magnitude) and the histogram below the max;
+    # `allowed` counts the keys seen so far (a tile's count is only reduced when segments make
+    # it irregular).
     limit = None if cfg.irregular else row.allowed_keys().astype(jnp.float32)
 
     def max_pass(j, masked, carry):
-        row_max, row_sum, allowed = carry
+        row_max, row_sum, allowed, hist = carry
         d, keep, _ = row.scores(q, k_ref, j, masked)
-        new_max = jnp.maximum(row_max, jnp.max(d, axis=1))
+        tile_max = jnp.max(d, axis=1)
+        new_max = jnp.maximum(row_max, tile_max)
+        if cfg.histogram_start:
+            hist = histogram.update(hist, d, tile_max, new_max, x_mult)
         shifted = d - new_max[:, None]
         if masked:
             shifted = jnp.where(keep, shifted, 0.0)
@@ -71,11 +77,11 @@ def _threshold_kernel(
             allowed = jnp.minimum(limit, ((j + 1) * cfg.block_k).astype(jnp.float32))
         else:
             allowed = allowed + jnp.sum(keep.astype(jnp.float32), axis=1)
-        return new_max, row_sum, allowed
+        return new_max, row_sum, allowed, hist
 
     zero = jnp.zeros((cfg.block_q,), jnp.float32)
-    init = (jnp.full((cfg.block_q,), MASKED, jnp.float32), zero, zero)
-    row_max, row_sum, allowed = key_blocks(max_pass, init)
+    init = (jnp.full((cfg.block_q,), MASKED, jnp.float32), zero, zero, histogram.RowHistogram.empty(cfg.block_q))
+    row_max, row_sum, allowed, hist = key_blocks(max_pass, init)
     # τ is solved on x = (α−1)·scale·(d − m), whose max is 0, as on the dense path: (α−1)·s
     # itself loses every digit of z = x − τ once scores reach ~1e7. Rows with nothing to
     # attend to keep τ = 0, far above their masked x.
@@ -87,36 +93,39 @@ def _threshold_kernel(
     has_any = (allowed > 0) & ~bad & (row_max > 0.5 * MASKED)
     x_mean = x_mult * row_sum / jnp.maximum(allowed, 1.0)
     lo, hi = threshold_bracket(jnp.zeros_like(row_max), allowed, alpha, row_mean=x_mean)
+    if cfg.histogram_start:
+        lo, hi = histogram.bracket(hist, lambda z: powers(cfg, alpha, z, need_c2=False)[0], row_max, allowed,
+                                   x_mult, lo, hi)
     lo, hi = jnp.where(has_any, lo, 0.0), jnp.where(has_any, hi, 0.0)
     tau = 0.5 * (lo + hi)
 
-    def pass_sums(tau, lo, with_mask, j, masked, acc):
+    def pass_sums(tau, lo, j, masked, acc):
         d, _, _ = row.scores(q, k_ref, j, masked)
         x = tile_x(cfg, alpha, d, row_max)
         z = jnp.maximum(x - tau[:, None], 0.0)
         t0, t1, t2 = powers(cfg, alpha, z)
-        acc = (acc[0] + jnp.sum(t0, 1), acc[1] + jnp.sum(t1, 1), acc[2] + jnp.sum(t2, 1), *acc[3:])
-        if with_mask:
-            # The tile is active if any entry lies above lo, the bracket's lower end before this
-            # pass: f(lo) ≥ 0 and the final τ never leaves the bracket, whose lower end only
-            # grows, so final τ ≥ lo and this mask covers the support at the final τ.
-            above = jnp.max(jnp.max(x, axis=1) - lo) > 0
-            acc = (*acc[:3], jnp.where(jnp.arange(cfg.kv_blocks_padded) == j, above.astype(jnp.int32), acc[3]))
-        return acc
+        # The tile is active if any entry lies above lo, the bracket's lower end before this pass:
+        # f(lo) ≥ 0 and the final τ never leaves the bracket, whose lower end only grows, so
+        # final τ ≥ lo and this mask covers the support at the final τ.
+        above = jnp.max(jnp.max(x, axis=1) - lo) > 0
+        bits = jnp.where(jnp.arange(cfg.kv_blocks_padded) == j, above.astype(jnp.int32), acc[3])
+        return acc[0] + jnp.sum(t0, 1), acc[1] + jnp.sum(t1, 1), acc[2] + jnp.sum(t2, 1), bits
 
     # α = 1.5 and 2: the support sizes at the last points above / below the root (unknown yet).
     # Once equal, no entry lies between them and solver_step solves the piece exactly, as the
     # dense path does: sparsemax rows near uniform otherwise stay 1e-3 off in 6 passes.
     polynomial = cfg.alpha_static in (1.5, 2.0)
     support = (jnp.full_like(tau, jnp.inf), jnp.full_like(tau, -1.0)) if polynomial else None
+    no_bits = jnp.zeros((cfg.kv_blocks_padded,), jnp.int32)
 
-    def solver_iteration(carry, with_mask):
-        tau, lo, hi, support, bits = carry
+    def solver_pass(state):
+        """One pass over the key blocks: the power sums at τ, the block mask at the bracket's lower
+        end, one safeguarded step. Every pass marks the mask, so the last one leaves it."""
+        i, (tau, lo, hi, support, _), _ = state
         zero = jnp.zeros((cfg.block_q,), jnp.float32)
-        init = (zero, zero, zero) + ((bits,) if with_mask else ())
-        sums = key_blocks(functools.partial(pass_sums, tau, lo, with_mask), init)
+        *sums, bits = key_blocks(functools.partial(pass_sums, tau, lo), (zero, zero, zero, no_bits))
         new_tau, new_lo, hi, f, newton, predicted, support = solver_step(cfg.alpha_static, alpha, tau, lo, hi,
-                                                                         *sums[:3], support=support)
+                                                                         *sums, support=support)
         if cfg.alpha_static == 2.0:
             # f is convex and piecewise linear: a Newton step is a lower bound of the root, exact on
             # the current piece. One that falls below the bracket (the support grows before the
@@ -128,36 +137,30 @@ def _threshold_kernel(
         # A row is done as in the dense solver: converged, no progress left at float32
         # resolution, or a Halley step from a small residual (already at float32 precision).
         done = ~has_any | (jnp.abs(f) < TOL) | no_progress(tau, new_tau, newton) | predicted
-        return (new_tau, new_lo, hi, support, sums[3] if with_mask else bits), jnp.min(done.astype(jnp.int32))
+        return i + 1, (new_tau, new_lo, hi, support, bits), jnp.min(done.astype(jnp.int32))
 
-    bits = jnp.zeros((cfg.kv_blocks_padded,), jnp.int32)
-
-    # Plain passes, then the last one, which also marks the active tiles (no final pass):
-    # n_iter − 1 plain passes when fixed; when adaptive, until every row of the block is done
-    # (the last pass then refines once more), at most n_iter passes in all.
-    def plain_pass(state):
-        i, carry, _ = state
-        carry, all_done = solver_iteration(carry, False)
-        return i + 1, carry, all_done
-
+    # n_iter passes when fixed; when adaptive, until every row of the block is done, at most n_iter.
     def more(state):
         i, _, all_done = state
-        return (i < cfg.n_iter - 1) & (all_done == 0) if cfg.adaptive else i < cfg.n_iter - 1
+        if cfg.adaptive:
+            return (i == 0) | ((i < cfg.n_iter) & (all_done == 0))
+        return i < cfg.n_iter
 
-    _, carry, _ = lax.while_loop(more, plain_pass, (0, (tau, lo, hi, support, bits), jnp.int32(0)))
-    (tau, _, _, _, bits), _ = solver_iteration(carry, True)
+    passes, (tau, _, _, _, bits), _ = lax.while_loop(more, solver_pass,
+                                                     (jnp.int32(0), (tau, lo, hi, support, no_bits), jnp.int32(0)))
     tau_ref[...] = tau
     # A bad row gets a NaN shift: the forward kernel turns it into a NaN normaliser (NaN row).
     row_max_ref[...] = jnp.where(bad, jnp.nan, row_max)
     allowed_ref[...] = allowed
     block_mask_ref[...] = bits
-    if cfg.debug:  # key blocks visited per pass
+    if cfg.debug:  # key blocks visited per pass, and the solver passes made (after the max pass)
         debug_refs[0][...] = visible_slots[1] - visible_slots[0] if visible is not None else num_blocks - first_block
+        debug_refs[1][...] = passes
 
 
 def thresholds(cfg: KernelConfig, alpha, q_len, kv_len, q, k, tile_inputs: TileInputs):
     """τ, the row max and allowed count per row, and the block mask (plus, with cfg.debug, the key
-    blocks visited per pass of each query block)."""
+    blocks visited per pass and the solver passes made, per query block)."""
     B, N = q.shape[0], cfg.num_heads
     sp = block_specs(cfg, "q")
     f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
@@ -170,8 +173,8 @@ def thresholds(cfg: KernelConfig, alpha, q_len, kv_len, q, k, tile_inputs: TileI
     out_specs = [sp["row"]] * 3 + [sp["block_list"](cfg.kv_blocks_padded)]
     out_shape = [row_shape] * 3 + [jax.ShapeDtypeStruct((B, N, cfg.num_q_blocks, cfg.kv_blocks_padded), jnp.int32)]
     if cfg.debug:
-        out_specs.append(sp["block_scalar"])
-        out_shape.append(jax.ShapeDtypeStruct((B, N, cfg.num_q_blocks), jnp.int32))
+        out_specs += [sp["block_scalar"]] * 2
+        out_shape += [jax.ShapeDtypeStruct((B, N, cfg.num_q_blocks), jnp.int32)] * 2
     outs = call(
         functools.partial(_threshold_kernel, cfg=cfg),
         cfg,

@@ -1,0 +1,155 @@
+"""The τ kernel's histogram start, built during the max pass (no pass of its own).
+
+AdaSplash-2 spends a pass after the max pass on a histogram of each row; here the histogram is
+kept while the max is still being found, so the first solver pass already starts inside a narrow
+bracket. Each row gets a grid of ``BINS`` bins of width ``width`` (in entmax units x), anchored at
+the raw score ``anchor`` of the first tile's max and sized from that tile's spread, so rows of
+any temperature get bins that resolve them. The histogram covers the ``BINS`` grid bins ending
+at the bin of the running max; when the max moves up by s bins the counts shift by s (the grid
+never moves, so the shift is exact) and the bins that fall off the bottom, which lie below the
+new window, are dropped.
+
+After the pass the counts bound f(τ) = Σ [x − τ]_+^c0 − 1 from both sides: placing every counted
+entry at its bin's lower edge (and the uncounted ones at −∞) gives f_low ≤ f, placing them at the
+upper edges (capped at the max, and the uncounted ones at the window's bottom) gives f_up ≥ f,
+so the roots of the two models bracket τ. Both are solved by bisection on the row vectors alone.
+
+Per tile an entry costs its bin index and a packed count: the four bin counters share an int32 (7
+bits each, or 8 for 128-wide tiles: a tile adds at most ``block_k`` to a bin), so one integer row
+reduction per tile.
+Four bins rather than eight: in a float32 replay of the solver (normal, tied, clustered, near-uniform
+and outlier rows, 64–8192 keys, α = 1.25–2) eight bins saved 0.2 passes per row on average, less
+than their second word costs per tile.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from adasplash_jax.kernels.config import MASKED
+
+BINS = 4  # counters packed in one int32
+# Model roots by bisection: 2^-12 of the analytic bracket (≤ 1 wide) is far inside one bin, and
+# the bisection runs once per program on row vectors (12 × the model's points).
+_BISECTIONS = 12
+# An entry's grid index is a rounded product, off by up to |index|·2^-23 bins: beyond 2^12 bins
+# above the anchor (a max ~600 first-tile spreads above the first tile's) the histogram is not
+# used and the solver starts from the analytic bracket.
+_MAX_TOP = 2.0**12
+# Entries within this fraction of a bin above an edge may be counted one bin lower (see update).
+_ROUNDING_SHIFT = 2.0**-10
+# Slack on the bin edges (relative to the width), well above that and the rounding of u.
+_EDGE_SLACK = 2.0**-6
+
+
+class RowHistogram(NamedTuple):
+    """Per row (each [block_q]): the raw score the grid is anchored at, the bin width in x units
+    (0 until the row has seen a valid entry) and the grid index per raw score unit
+    (x_mult / width; 0 without a grid), the grid index of the running max's bin, and the counts
+    of the ``BINS`` bins below it (counts[0] holds the max)."""
+
+    anchor: object
+    width: object
+    scale: object
+    top: object
+    counts: tuple
+
+    @classmethod
+    def empty(cls, block_q: int):
+        # A row without a grid keeps top = BINS: every entry then lands at bin ≥ BINS (uncounted).
+        zero = jnp.zeros((block_q,), jnp.float32)
+        return cls(zero, zero, zero, jnp.full((block_q,), float(BINS), jnp.float32), (zero,) * BINS)
+
+
+def _any(flags):
+    """Whether any row's flag is set, as a scalar (an integer max: Triton has no boolean reduction)."""
+    return jnp.max(flags.astype(jnp.int32)) > 0
+
+
+def _shift_down(counts, shift):
+    """counts[k] ← counts[k − shift] (0 below), for a per-row shift ≥ 0, in log2(BINS) + 1 steps."""
+    shift = jnp.minimum(shift, BINS).astype(jnp.int32)
+    step = 1
+    while step <= BINS:
+        moved = (shift & step) != 0
+        counts = tuple(jnp.where(moved, counts[k - step] if k >= step else 0.0, counts[k]) for k in range(BINS))
+        step *= 2
+    return counts
+
+
+def update(hist: RowHistogram, d, tile_max, new_max, x_mult) -> RowHistogram:
+    """The histogram after one score tile ``d`` [block_q, block_k] (raw scores, masked entries at
+    MASKED); ``tile_max`` and ``new_max`` are the tile's and the running row max (after it)."""
+    valid_row = tile_max > 0.5 * MASKED
+    starts = (hist.width == 0) & valid_row
+
+    def start_grid():
+        # The grid of a row's first valid tile: anchored at its max, BINS − 1 bins over its spread
+        # (capped at 1: entries further than 1 below the max never reach the support).
+        tile_min = jnp.min(jnp.where(d > 0.5 * MASKED, d, -MASKED), axis=1)
+        spread = jnp.minimum((tile_max - tile_min) * x_mult, 1.0)
+        width = jnp.maximum(spread, 2.0**-16) * (1.0 / (BINS - 1))
+        return (jnp.where(starts, tile_max, hist.anchor), jnp.where(starts, width, hist.width),
+                jnp.where(starts, x_mult / width, hist.scale))
+
+    anchor, width, scale = lax.cond(_any(starts), start_grid, lambda: (hist.anchor, hist.width, hist.scale))
+    # The max's bin, with the same ε as the entries below (so k ≥ 0 even for a max within ε of
+    # the next edge, which is then counted in bin 0 of the next window).
+    top = jnp.where(width > 0, jnp.floor((new_max - anchor) * scale + _ROUNDING_SHIFT), float(BINS))
+    # A row that just started has no counts yet: any shift leaves them zero.
+    counts = lax.cond(_any(top > hist.top), lambda: _shift_down(hist.counts, top - hist.top), lambda: hist.counts)
+    # Bin of each entry: k = top − floor(u), u = (d − anchor)·scale its grid position. It is read
+    # off the float (top + 3/2 − ε − u) + 2^23, whose rounding to an integer is k + 1 ≥ 1
+    # (u < top + 1 − ε) and whose low mantissa bits then hold it: cheaper than a float → int
+    # conversion (which Triton clamps to the int32 range first); the sum stays above 2^23 + 1/2,
+    # where floats are integers. ε = 2^-10 keeps an entry exactly on an edge (the anchor itself)
+    # in its bin, at the price of entries within ε of an edge landing in the bin on its other
+    # side, which both models' edge slack covers. Masked entries, those below the window and rows without a
+    # grid (scale 0, top = BINS) clamp to k = BINS.
+    magic = 2.0**23
+    k_float = ((anchor[:, None] - d) * scale[:, None] + (top + (1.5 - _ROUNDING_SHIFT))[:, None]) + magic
+    k = (lax.bitcast_convert_type(jnp.minimum(k_float, magic + 1 + BINS), jnp.int32)
+         - (int(np.float32(magic).view(np.int32)) + 1))
+    # One packed count per entry: bin k adds 1 << (bits·k). With 7-bit fields (block_k < 128) bin
+    # BINS lands in the unused top bits, where overflow only wraps; 8-bit fields need a select.
+    bits = 7 if d.shape[1] < 128 else 8
+    one = jnp.left_shift(1, k * bits)
+    if bits == 8:
+        one = jnp.where(k < BINS, jnp.left_shift(1, (k & (BINS - 1)) * bits), 0)
+    packed = jnp.sum(one, axis=1)
+    field = (1 << bits) - 1
+    counts = tuple(c + (jnp.right_shift(packed, bits * i) & field).astype(jnp.float32) for i, c in enumerate(counts))
+    return RowHistogram(anchor, width, scale, top, counts)
+
+
+def _model_root(power, points, lo, hi):
+    """[lo, hi] around the root of Σ_k n_k·[e_k − t]_+^c0 = 1 (points: ((n_k, e_k), ...)) by bisection."""
+    def step(_, bracket):
+        lo, hi = bracket
+        t = 0.5 * (lo + hi)
+        mass = sum(n * power(jnp.maximum(e - t, 0.0)) for n, e in points)
+        return jnp.where(mass > 1.0, t, lo), jnp.where(mass > 1.0, hi, t)
+
+    return lax.fori_loop(0, _BISECTIONS, step, (lo, hi))
+
+
+def bracket(hist: RowHistogram, power, row_max, allowed, x_mult, lo, hi):
+    """The analytic bracket [lo, hi] of τ (shifted rows: max 0) narrowed by the histogram, where it
+    is usable. ``power(z)`` = z^c0 for z ≥ 0; ``allowed``: the entries each row may attend to."""
+    usable = (hist.width > 0) & (hist.top <= _MAX_TOP)
+    width = hist.width
+    # Lower edge of bin k in shifted x units: grid index (top − k) relative to the max.
+    offset = (row_max - hist.anchor) * x_mult
+    lower = [(hist.top - k) * width - offset - _EDGE_SLACK * width for k in range(BINS)]
+    upper = [jnp.minimum(e + (1.0 + 2.0 * _EDGE_SLACK) * width, 0.0) for e in lower]
+    outside = jnp.maximum(allowed - sum(hist.counts), 0.0)
+    bottom = lower[-1] + 2.0 * _EDGE_SLACK * width
+    low_lo, _ = _model_root(power, list(zip(hist.counts, lower)), lo, hi)
+    _, up_hi = _model_root(power, list(zip(hist.counts, upper)) + [(outside, bottom)], lo, hi)
+    new_lo = jnp.where(usable, jnp.maximum(lo, low_lo), lo)
+    new_hi = jnp.where(usable, jnp.minimum(hi, up_hi), hi)
+    return jnp.minimum(new_lo, new_hi), new_hi
