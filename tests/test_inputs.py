@@ -43,7 +43,8 @@ def test_scale_must_be_finite(scale):
 @pytest.mark.parametrize("field,value", [("num_warps", 0), ("num_warps", 3), ("num_stages", -3), ("num_stages", 0),
                                          ("block_q", 24), ("n_iter", 0), ("num_warps", 2.0),
                                          ("tau_num_warps", 6), ("backward_num_warps", 0),
-                                         ("backward_num_stages", 0)])
+                                         ("backward_num_stages", 0), ("tau_num_stages", 0),
+                                         ("histogram_start", "yes")])
 def test_block_sizes_refuse_bad_fields(field, value):
     with pytest.raises(ValueError, match=field):
         BlockSizes(**{field: value})

@@ -32,7 +32,11 @@ class BlockSizes:
     makes exactly that many passes (for benchmarks and tests). Sparsemax-like rows with many
     entries near the threshold need the most: 6 fixed passes left errors of 2e-3 there.
 
-    ``num_warps`` / ``num_stages`` launch the forward kernel; ``tau_num_warps`` the τ kernel and
+    ``histogram_start``: the τ kernel's max pass also keeps a histogram of each row, which starts
+    the solver inside about one bin (kernels.histogram); False starts from the analytic bracket
+    (for side-by-side benchmarks).
+
+    ``num_warps`` / ``num_stages`` launch the forward kernel; ``tau_num_warps`` / ``tau_num_stages`` the τ kernel and
     ``backward_num_warps`` / ``backward_num_stages`` the dK/dV and dQ kernels (None: as the
     forward).
     """
@@ -42,7 +46,9 @@ class BlockSizes:
     num_warps: int = 4
     num_stages: int = 2
     n_iter: int | None = None
+    histogram_start: bool = True
     tau_num_warps: int | None = None
+    tau_num_stages: int | None = None
     backward_num_warps: int | None = None
     backward_num_stages: int | None = None
 
@@ -51,24 +57,28 @@ class BlockSizes:
 
     def launch(self) -> dict[str, tuple[int, int]]:
         """(num_warps, num_stages) of each kernel stage: "tau", "forward", "backward"."""
-        return dict(tau=(self.tau_num_warps or self.num_warps, self.num_stages),
+        return dict(tau=(self.tau_num_warps or self.num_warps, self.tau_num_stages or self.num_stages),
                     forward=(self.num_warps, self.num_stages),
                     backward=(self.backward_num_warps or self.num_warps, self.backward_num_stages or self.num_stages))
 
     @classmethod
     def for_head_dim(cls, head_dim: int) -> "BlockSizes":
         """The defaults, chosen from the kernels compiled for sm_80 and sm_90 (python -m adasplash_jax.aot,
-        2026-12-01, bf16): the τ kernel at 8 warps (4 warps: ptxas keeps 168 registers and spills 12–16 B
-        on sm_80; 8: 124–128, none); the backward kernels at one stage from d = 64 (two stages: dK/dV
-        at 255 registers spills 16–24 B on sm_80; one stage: 224–253, none) and 8 warps (the
-        learned-α dQ spills 96 B at 4 warps)."""
+        2026-12-01, bf16; ptxas caps the τ kernel at 128 registers at 8 warps, 64 for 32×32 tiles): the
+        τ kernel at 8 warps (4 warps: 168 registers and 12–16 B of spills on sm_80), with one stage at
+        d ≤ 64 (two: its histogram start spills 4–48 B there on sm_80; at d = 128 one stage spills 12 B
+        and two none), and at 2 warps for d = 256 (4: 16 B on sm_80, 8: 20–36 B); the backward kernels
+        at one stage from d = 64 (two stages: dK/dV at 255 registers spills 16–24 B on sm_80; one
+        stage: 224–253, none) and 8 warps (the learned-α dQ spills 96 B at 4 warps), 4 at d = 32 (8
+        warps: the dQ spills 8 B)."""
         if head_dim <= 32:
-            return cls(64, 64, 4, 2, tau_num_warps=8, backward_num_warps=8, backward_num_stages=1)
+            return cls(64, 64, 4, 2, tau_num_warps=8, backward_num_warps=4, backward_num_stages=1)
         if head_dim <= 64:
-            return cls(64, 64, 4, 2, tau_num_warps=8, backward_num_warps=8, backward_num_stages=1)
+            return cls(64, 64, 4, 2, tau_num_warps=8, tau_num_stages=1, backward_num_warps=8,
+                       backward_num_stages=1)
         if head_dim <= 128:
             return cls(64, 64, 8, 2, tau_num_warps=8, backward_num_warps=8, backward_num_stages=1)
-        return cls(32, 32, 8, 1)
+        return cls(32, 32, 8, 1, tau_num_warps=2)
 
     def __post_init__(self):
         for name in ("block_q", "block_k"):
@@ -81,7 +91,9 @@ class BlockSizes:
             w = getattr(self, name)
             if (w is not None or name == "num_warps") and (not isinstance(w, int) or w < 1 or w & (w - 1)):
                 raise ValueError(f"`BlockSizes.{name}` must be a power of two ≥ 1, got {w!r}")
-        for name in ("num_stages", "backward_num_stages"):
+        if not isinstance(self.histogram_start, bool):
+            raise ValueError(f"`BlockSizes.histogram_start` must be a bool, got {self.histogram_start!r}")
+        for name in ("num_stages", "tau_num_stages", "backward_num_stages"):
             n = getattr(self, name)
             if (n is not None or name == "num_stages") and (not isinstance(n, int) or n < 1):
                 raise ValueError(f"`BlockSizes.{name}` must be an int ≥ 1, got {n!r}")
@@ -101,6 +113,7 @@ class KernelConfig:
     launch: tuple  # ((stage, (num_warps, num_stages)), ...) for "tau", "forward", "backward"
     n_iter: int  # solver passes: exactly, or at most when adaptive
     adaptive: bool
+    histogram_start: bool
     causal: bool
     window: tuple[int, int] | None
     scale: float
@@ -219,7 +232,7 @@ def make_config(inp: AttentionInputs, block_sizes: BlockSizes | None, interpret:
     return KernelConfig(
         q_len=T, kv_len=S, num_heads=N, num_kv_heads=K, head_dim=H,
         block_q=block_q, block_k=block_k, launch=tuple(bs.launch().items()),
-        n_iter=bs.solver_passes(), adaptive=bs.n_iter is None, causal=inp.is_causal, window=inp.window,
+        n_iter=bs.solver_passes(), adaptive=bs.n_iter is None, histogram_start=bs.histogram_start, causal=inp.is_causal, window=inp.window,
         scale=inp.scale,
         alpha_static=alpha_static,
         has_segments=inp.q_segment_ids is not None or padding_mask, has_alibi=inp.alibi_slopes is not None,
