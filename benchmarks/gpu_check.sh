@@ -3,7 +3,8 @@
 #   1. pytest -m gpu (the kernels compiled by Triton for the real device, against the dense path);
 #   2. forward and forward+backward at L = 4k and 16k, causal, low and high sparsity, against
 #      jax.nn.dot_product_attention(implementation="cudnn") and JAX's Pallas softmax flash attention;
-#   3. the cost model with the measured time beside each estimate (benchmarks/kernel_cost.py).
+#   3. the cost model with the measured time beside each estimate (benchmarks/kernel_cost.py);
+#   4. τ solver passes with and without the histogram start at L = 4096 (benchmarks/tau_passes.py).
 # Each step has its own time limit, so one that hangs still leaves the others' tables.
 #   bash benchmarks/gpu_check.sh            (from the repository root, on the GPU machine)
 set -uo pipefail
@@ -16,4 +17,5 @@ timeout 150 python3 -m pytest -m gpu -q -x -p no:cacheprovider tests/test_pallas
 timeout 170 python3 benchmarks/attention_gpu.py --lengths 4096 16384 --causal yes --input-scales 1 4 --reps 5 \
     --skip entmax_dense 2>&1 | tee "$out/attention_gpu.txt"
 timeout 120 python3 benchmarks/kernel_cost.py --lengths 4096 16384 --head-dims 64 2>&1 | tee "$out/kernel_cost.txt"
+timeout 60 python3 benchmarks/tau_passes.py --length 4096 --alphas 1.5,2 --scales 1 2>&1 | tee "$out/tau_passes.txt"
 echo "tables in $out/"
