@@ -48,9 +48,7 @@ def model_bracket(hist, row_max, allowed, mean, x_mult, alpha):
     lo0, hi0 = threshold_bracket(jnp.zeros_like(row_max), allowed, alpha, row_mean=mean)
     c0 = 1.0 / (alpha - 1.0)
     power = lambda z: jnp.where(z > 0, jnp.exp(c0 * jnp.log(jnp.where(z > 0, z, 1.0))), 0.0)  # noqa: E731
-    # α = 1.5 and 2 take the kernel's closed form, others its bisection.
-    alpha_static = alpha if alpha in (1.5, 2.0) else None
-    return (lo0, hi0), histogram.bracket(hist, power, row_max, allowed, x_mult, lo0, hi0, alpha_static=alpha_static)
+    return (lo0, hi0), histogram.bracket(hist, power, row_max, allowed, x_mult, lo0, hi0)
 
 
 def recount(d, x_mult, hist):

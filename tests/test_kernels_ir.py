@@ -2,8 +2,8 @@
 
 Per visible tile the τ kernel does one max pass (which also builds the histogram start) and then
 solver passes, each of which also marks the block mask (no final pass); each pass is split into an
-interior loop, whose tiles need no keep mask, and a boundary loop. Between them, for α other than
-1.5 and 2, two row-level loops solve the histogram's models (no tile work). The forward and backward kernels loop over active
+interior loop, whose tiles need no keep mask, and a boundary loop. Between them two row-level loops
+solve the histogram's models (no tile work). The forward and backward kernels loop over active
 tiles the same way.
 """
 
@@ -32,12 +32,10 @@ def test_pass_structure(alpha):
                        "entmax_attention_dq"}
     tau = st["entmax_threshold"]
     # Max + histogram pass, then the solver pass (which marks the block mask): each an interior and a
-    # boundary loop with one Q·Kᵀ matmul. Between them, for α other than 1.5 and 2 (closed form), the
-    # two model bisections: row vectors only.
-    models = 0 if alpha in (1.5, 2.0) else 2
-    assert [b.dots for b in tau.loops] == [1, 1] + [0] * models + [1, 1]
+    # boundary loop with one Q·Kᵀ matmul. Between them the two model bisections: row vectors only.
+    assert [b.dots for b in tau.loops] == [1, 1, 0, 0, 1, 1]
     assert tau.dots == 4
-    for model in tau.loops[2:2 + models]:
+    for model in tau.loops[2:4]:
         assert model.tile_float == model.tile_int == model.reductions == model.loads == 0
     # Forward with Õ: Q·Kᵀ, P·V, U·V per tile; dK/dV 4; dQ 3 — in an interior and a boundary loop.
     for name, dots in (("entmax_attention_forward", 3), ("entmax_attention_dkdv", 4), ("entmax_attention_dq", 3)):

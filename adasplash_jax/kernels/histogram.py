@@ -137,35 +137,9 @@ def _model_root(power, points, lo, hi):
     return lax.fori_loop(0, _BISECTIONS, step, (lo, hi))
 
 
-def _polynomial_root(c0: int, points, lo, hi, lower_end: bool):
-    """A certified end of the bracket from the root of Σ_k n_k·[e_k − t]_+^c0 = 1 for c0 = 1 (α = 2)
-    or 2 (α = 1.5), points in descending e: walking the pieces from the top, the root is the first
-    piece's whose solution lies on it. The root minus (``lower_end``) or plus a margin is checked
-    with one evaluation of the model (mass > 1 below the root, ≤ 1 above); where the check fails
-    (float32 cancellation), the analytic end ``lo`` / ``hi`` is kept."""
-    n_sum = s_sum = q_sum = jnp.zeros_like(lo)
-    root = jnp.full_like(lo, jnp.nan)
-    for j, (n, e) in enumerate(points):
-        n_sum, s_sum, q_sum = n_sum + n, s_sum + n * e, q_sum + n * e * e
-        safe_n = jnp.where(n_sum > 0, n_sum, 1.0)
-        if c0 == 1:
-            t = (s_sum - 1.0) / safe_n
-        else:
-            disc = s_sum * s_sum - n_sum * (q_sum - 1.0)
-            t = jnp.where(disc >= 0, (s_sum - jnp.sqrt(jnp.maximum(disc, 0.0))) / safe_n, jnp.nan)
-        on_piece = (n_sum > 0) & (t <= e) & (True if j + 1 == len(points) else t >= points[j + 1][1])
-        root = jnp.where(jnp.isnan(root) & on_piece, t, root)
-    margin = 1e-4 * (jnp.abs(root) + 1e-3)
-    t = root - margin if lower_end else root + margin
-    mass = sum(n * jnp.maximum(e - t, 0.0) ** c0 for n, e in points)
-    certified = ~jnp.isnan(root) & ((mass > 1.0) if lower_end else (mass <= 1.0))
-    return jnp.where(certified, jnp.clip(t, lo, hi), lo if lower_end else hi)
-
-
-def bracket(hist: RowHistogram, power, row_max, allowed, x_mult, lo, hi, alpha_static=None):
+def bracket(hist: RowHistogram, power, row_max, allowed, x_mult, lo, hi):
     """The analytic bracket [lo, hi] of τ (shifted rows: max 0) narrowed by the histogram, where it
-    is usable. ``power(z)`` = z^c0 for z ≥ 0; ``allowed``: the entries each row may attend to. For
-    α = 1.5 and 2 the models are solved in closed form, otherwise by bisection."""
+    is usable. ``power(z)`` = z^c0 for z ≥ 0; ``allowed``: the entries each row may attend to."""
     usable = (hist.width > 0) & (hist.top <= _MAX_TOP)
     width = hist.width
     # Lower edge of bin k in shifted x units: grid index (top − k) relative to the max.
@@ -174,15 +148,8 @@ def bracket(hist: RowHistogram, power, row_max, allowed, x_mult, lo, hi, alpha_s
     upper = [jnp.minimum(e + (1.0 + 2.0 * _EDGE_SLACK) * width, 0.0) for e in lower]
     outside = jnp.maximum(allowed - sum(hist.counts), 0.0)
     bottom = lower[-1] + 2.0 * _EDGE_SLACK * width
-    low_points = list(zip(hist.counts, lower))
-    up_points = list(zip(hist.counts, upper)) + [(outside, bottom)]
-    if alpha_static in (1.5, 2.0):
-        c0 = 2 if alpha_static == 1.5 else 1
-        low_lo = _polynomial_root(c0, low_points, lo, hi, lower_end=True)
-        up_hi = _polynomial_root(c0, up_points, lo, hi, lower_end=False)
-    else:
-        low_lo, _ = _model_root(power, low_points, lo, hi)
-        _, up_hi = _model_root(power, up_points, lo, hi)
+    low_lo, _ = _model_root(power, list(zip(hist.counts, lower)), lo, hi)
+    _, up_hi = _model_root(power, list(zip(hist.counts, upper)) + [(outside, bottom)], lo, hi)
     new_lo = jnp.where(usable, jnp.maximum(lo, low_lo), lo)
     new_hi = jnp.where(usable, jnp.minimum(hi, up_hi), hi)
     return jnp.minimum(new_lo, new_hi), new_hi

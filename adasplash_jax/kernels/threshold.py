@@ -95,7 +95,7 @@ def _threshold_kernel(
     lo, hi = threshold_bracket(jnp.zeros_like(row_max), allowed, alpha, row_mean=x_mean)
     if cfg.histogram_start:
         lo, hi = histogram.bracket(hist, lambda z: powers(cfg, alpha, z, need_c2=False)[0], row_max, allowed,
-                                   x_mult, lo, hi, alpha_static=cfg.alpha_static)
+                                   x_mult, lo, hi)
     lo, hi = jnp.where(has_any, lo, 0.0), jnp.where(has_any, hi, 0.0)
     tau = 0.5 * (lo + hi)
 
