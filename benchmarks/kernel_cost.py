@@ -3,12 +3,18 @@
 The kernels are compiled ahead of time for the target (``adasplash_jax.aot``; needs the `aot` extra,
 no GPU). From the SASS of each kernel come the instructions and the tensor-core FLOPs of one
 iteration of each innermost loop (one block_q × block_k tile); the pass structure says how many
-tiles each loop visits:
+tiles each loop visits. Every pass is two loops, one over interior tiles (no keep mask) and one over
+boundary tiles (the causal diagonal: one per query or key block):
 
-    τ kernel      max pass, n_iter solver passes, final (mask) pass — over every *visible* tile
-                  (the causal triangle, or all tiles)
+    τ kernel      max + histogram pass, then the solver passes (each also marks the block mask) —
+                  over every *visible* tile (the causal triangle, or all tiles); between them two
+                  row-level loops (the histogram models' bisections) run once per query block
     forward       one pass over the *active* tiles (those holding a non-zero probability)
     dK/dV, dQ     one pass each over the active tiles
+
+The solver passes per query block depend on the rows (the loop stops when every row has converged);
+the default is what benchmarks/tau_passes.py measured on normal scores at L = 512 (α = 1.5: 3,
+α = 2: 4, other α: 3 to 4; mean over three temperatures, rounded up).
     FlashAttention-2: 2 (forward) + 5 (backward) QKᵀ-sized matmuls per visible tile, at its
                   published fraction of the tensor-core peak
 
@@ -112,36 +118,59 @@ def profiles(records, head_dim: int) -> dict:
     return out
 
 
-def tau_passes(k: KernelCost, n_iter: int):
-    """Visits of each τ loop per visible tile: max, solver × n_iter, final; else each loop once."""
-    if len(k.loops) == 3:
-        return [1, n_iter, 1], f"max, {n_iter} solver, final"
-    return [1] * len(k.loops), f"{len(k.loops)} loops, once each (unrecognised τ structure)"
+def loop_visits(k: KernelCost, *, tiles: int, boundary: int, programs: int, solver_passes: int = 1):
+    """Iterations of each of a kernel's loops in one call: a pass is an interior loop (``tiles −
+    boundary`` visits) and a boundary loop (``boundary``); the τ kernel's loops without matmuls
+    (the histogram models' bisections) run ``BISECTIONS`` times per program; its first pass (max +
+    histogram) runs once and its second (the solver's) ``solver_passes`` times."""
+    from adasplash_jax.kernels.histogram import _BISECTIONS
+
+    visits, mma_pass = [], 0
+    for _, flops in k.loops:
+        if flops == 0:
+            visits.append(_BISECTIONS * programs)
+            continue
+        repeat = solver_passes if (k.label == "tau" and mma_pass >= 2) else 1
+        visits.append(repeat * ((tiles - boundary) if mma_pass % 2 == 0 else boundary))
+        mma_pass += 1
+    return visits
 
 
-def kernel_time(gpu: Gpu, k: KernelCost, passes, tiles: int, bytes_moved: float):
-    slots = sum(n * lp[0] for n, lp in zip(passes, k.loops)) * k.num_warps * tiles
-    flops = sum(n * lp[1] for n, lp in zip(passes, k.loops)) * k.num_warps * tiles
+def interior_slots_per_64x64(k: KernelCost, solver_passes: int = 1) -> float:
+    """Issue slots of one interior tile (a long sequence's typical tile), scaled to 64×64."""
+    visits = loop_visits(k, tiles=1, boundary=0, programs=0, solver_passes=solver_passes)
+    return k.slots_per_64x64(visits)
+
+
+def kernel_time(gpu: Gpu, k: KernelCost, visits, bytes_moved: float):
+    slots = sum(n * lp[0] for n, lp in zip(visits, k.loops)) * k.num_warps
+    flops = sum(n * lp[1] for n, lp in zip(visits, k.loops)) * k.num_warps
     issue = slots / (gpu.issue_per_cycle * gpu.sms * gpu.clock_hz)
     tensor = flops / gpu.peak_flops
     memory = bytes_moved / gpu.hbm_bytes_s
     return max(issue, tensor, memory), dict(issue=issue, tensor=tensor, memory=memory)
 
 
-def estimate(gpu: Gpu, prof: dict, *, L: int, d: int, bh: int, causal: bool, sparsity: float, n_iter: int,
+def estimate(gpu: Gpu, prof: dict, *, L: int, d: int, bh: int, causal: bool, sparsity: float, solver_passes: int,
              itemsize: int = 2):
     """Estimated seconds: dict with tau, forward, backward (dkdv + dq), fa2_fwd, fa2_bwd."""
     tau = prof["tau"]
     visible = tile_counts(L, tau.block_q, tau.block_k, causal) * bh
     nq = math.ceil(L / tau.block_q) * bh
-    active = max(nq if causal else 0, round(visible * (1.0 - sparsity)))
+    nk = math.ceil(L / tau.block_k) * bh
+    boundary = nq if causal else 0  # the diagonal tiles (block_q = block_k); always active
+    active = max(boundary, round(visible * (1.0 - sparsity)))
     x = bh * L * d * itemsize  # one [L, d] operand of every head
-    t_tau, _ = kernel_time(gpu, tau, tau_passes(tau, n_iter)[0], visible, 2 * x)
-    t_fwd, _ = kernel_time(gpu, prof["forward+res"], [1] * len(prof["forward+res"].loops), active,
+
+    def visits(name, tiles, programs, passes=1):
+        return loop_visits(prof[name], tiles=tiles, boundary=boundary, programs=programs, solver_passes=passes)
+
+    t_tau, _ = kernel_time(gpu, tau, visits("tau", visible, nq, solver_passes), 2 * x)
+    t_fwd, _ = kernel_time(gpu, prof["forward+res"], visits("forward+res", active, nq),
                            3 * x + x + 2 * x)  # q, k, v in; O (bf16) and Õ (fp32) out
-    t_fwd_inf, _ = kernel_time(gpu, prof["forward"], [1] * len(prof["forward"].loops), active, 4 * x)
-    t_dkdv, _ = kernel_time(gpu, prof["dkdv"], [1] * len(prof["dkdv"].loops), active, 6 * x)
-    t_dq, _ = kernel_time(gpu, prof["dq"], [1] * len(prof["dq"].loops), active, 5 * x)
+    t_fwd_inf, _ = kernel_time(gpu, prof["forward"], visits("forward", active, nq), 4 * x)
+    t_dkdv, _ = kernel_time(gpu, prof["dkdv"], visits("dkdv", active, nk), 6 * x)
+    t_dq, _ = kernel_time(gpu, prof["dq"], visits("dq", active, nq), 5 * x)
     fa2_tile_flops = 2 * tau.block_q * tau.block_k * d
     fa2_fwd = 2 * fa2_tile_flops * visible / (gpu.fa2_efficiency * gpu.peak_flops)
     fa2_bwd = 5 * fa2_tile_flops * visible / (gpu.fa2_efficiency * gpu.peak_flops)
@@ -204,16 +233,18 @@ def main(argv=None) -> int:
     ap.add_argument("--sparsities", type=float, nargs="+", default=[0.0, 0.6, 0.9])
     ap.add_argument("--alpha", type=float, default=1.5)
     ap.add_argument("--solver-passes", type=int, default=None,
-                    help="τ solver passes per visible tile assumed (default 4 for α ≤ 1.6, 6 above)")
+                    help="τ solver passes per visible tile after the max + histogram pass (default: "
+                         "benchmarks/tau_passes.py's measurement, 3 for α = 1.5, 4 for α = 2 and others)")
     ap.add_argument("--batch-heads", type=int, default=16, help="batch × heads (times scale with it)")
     ap.add_argument("--full", action="store_true", help="non-causal instead of causal")
     ap.add_argument("--input-scales", type=float, nargs="+", default=[1.0, 4.0], help="GPU timing only")
     args = ap.parse_args(argv)
     gpu, causal = GPUS[args.target], not args.full
     # The τ kernel's solver loop stops once every row of a query block has converged (at most
-    # MAX_SOLVER_PASSES); the model assumes the fixed counts the kernel used before it became
-    # adaptive, measured then to reach float32 agreement: 4 passes for α ≤ 1.6, 6 above.
-    n_iter = args.solver_passes or (4 if args.alpha <= 1.6 else 6)
+    # MAX_SOLVER_PASSES). benchmarks/tau_passes.py (L = 512, normal scores at query scales 0.3, 1, 3,
+    # histogram start) measured 3.0–3.1 passes per query block for α = 1.5, 3.2–5.0 for α = 2,
+    # 3.0–3.7 for α = 1.25 and 1.8.
+    n_iter = args.solver_passes or (3 if args.alpha == 1.5 else 4)
 
     variants = [aot.Variant(head_dim=d, dtype="bfloat16", causal=causal, alpha=args.alpha, programs=aot.variants.PROGRAMS)
                 for d in args.head_dims]
@@ -237,14 +268,14 @@ def main(argv=None) -> int:
           "issue slots per 64×64 tile")
     for d, prof in profs.items():
         for label, k in prof.items():
-            passes = tau_passes(k, n_iter)[0] if label == "tau" else [1] * len(k.loops)
+            slots = interior_slots_per_64x64(k, n_iter if label == "tau" else 1)
             loops = " ".join(f"{i}/{f}" for i, f in k.loops)
             ref = ADASPLASH2_SLOTS.get(label.replace("+res", "")) if d == 64 else None
-            cmp = f"  AdaSplash-2 {ref:,} ({k.slots_per_64x64(passes) / ref:.2f}×)" if ref else ""
+            cmp = f"  AdaSplash-2 {ref:,} ({slots / ref:.2f}×)" if ref else ""
             print(f"  d={d:<3} {label:<11} {k.num_warps} warps, tile {k.block_q}×{k.block_k}: loops {loops};"
-                  f" {k.slots_per_64x64(passes):,.0f} slots{cmp}")
-    print(f"  τ passes: {tau_passes(profs[args.head_dims[0]]['tau'], n_iter)[1]}; AdaSplash-2 τ passes: "
-          f"{ADASPLASH2_SLOTS['tau passes']} (source: shared/notes/adasplash.md §8)")
+                  f" {slots:,.0f} slots per interior tile{cmp}")
+    print(f"  τ passes per visible tile: max + histogram, then {n_iter} solver passes (each with the block mask); "
+          f"AdaSplash-2 τ passes: {ADASPLASH2_SLOTS['tau passes']} (source: shared/notes/adasplash.md §8)")
     print()
 
     head = (f"{'L':>6} {'d':>4} {'sparsity':>8} | {'ours fwd':>9} {'ours f+b':>9} {'τ share':>7} | {'FA2 fwd':>8} "
@@ -255,7 +286,7 @@ def main(argv=None) -> int:
     for L in args.lengths:
         for d in args.head_dims:
             for s in args.sparsities:
-                e = estimate(gpu, profs[d], L=L, d=d, bh=args.batch_heads, causal=causal, sparsity=s, n_iter=n_iter)
+                e = estimate(gpu, profs[d], L=L, d=d, bh=args.batch_heads, causal=causal, sparsity=s, solver_passes=n_iter)
                 fb = e["fwd_train"] + e["backward"]
                 fa2 = e["fa2_fwd"] + e["fa2_bwd"]
                 as2 = ""
@@ -282,7 +313,7 @@ def main(argv=None) -> int:
         for d in args.head_dims:
             for x_scale in args.input_scales:
                 s, (f, fbm, cf, cfb) = measure(L, d, args.batch_heads, causal, args.alpha, x_scale)
-                e = estimate(gpu, profs[d], L=L, d=d, bh=args.batch_heads, causal=causal, sparsity=s, n_iter=n_iter)
+                e = estimate(gpu, profs[d], L=L, d=d, bh=args.batch_heads, causal=causal, sparsity=s, solver_passes=n_iter)
                 print(f"{L:>6} {d:>4} {x_scale:>7} {s:>8.0%} | {f:>9.3f} {e['forward'] * 1e3:>7.3f} {fbm:>9.3f} "
                       f"{(e['fwd_train'] + e['backward']) * 1e3:>7.3f} | {cf:>9.3f} {cfb:>9.3f} "
                       f"{(e['fa2_fwd'] + e['fa2_bwd']) * 1e3:>11.3f}")
