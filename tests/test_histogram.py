@@ -21,14 +21,14 @@ from adasplash_jax.solver import threshold_bracket
 BLOCK_K = 16
 
 
-@functools.partial(jax.jit, static_argnames="order")
-def _run_histogram(d, x_mult, order):
+@functools.partial(jax.jit, static_argnames=("order", "block_k"))
+def _run_histogram(d, x_mult, order, block_k=BLOCK_K):
     R, S = d.shape
-    tiles = range(S // BLOCK_K) if order is None else order
+    tiles = range(S // block_k) if order is None else order
     hist = histogram.RowHistogram.empty(R)
     row_max = jnp.full((R,), MASKED, jnp.float32)
     for j in tiles:
-        tile = d[:, j * BLOCK_K:(j + 1) * BLOCK_K]
+        tile = d[:, j * block_k:(j + 1) * block_k]
         tile_max = jnp.max(tile, axis=1)
         new_max = jnp.maximum(row_max, tile_max)
         hist = histogram.update(hist, tile, tile_max, new_max, x_mult)
@@ -111,6 +111,19 @@ def test_counts_are_those_of_the_final_window_in_any_tile_order(name, x_mult):
         assert (counts[:, 0] >= 1).all()
         first = d[:, (order[0] if order is not None else 0) * BLOCK_K:][:, :BLOCK_K].astype(np.float32)
         np.testing.assert_array_equal(np.asarray(hist.anchor), first.max(1))
+
+
+@pytest.mark.parametrize("block_k", [64, 128, 256])
+def test_wide_tiles_count_a_full_bin(block_k):
+    """A tile whose every entry lands in one bin (block_k of them): the packed 7- and 8-bit fields and
+    the per-bin count of 256-wide tiles hold it."""
+    d = np.zeros((4, 2 * block_k))
+    d[:, 0] = 1.0  # the first tile sets a grid; every other entry sits on its own max
+    d[:, block_k:] = 1.0
+    hist, _ = _run_histogram(jnp.asarray(d, jnp.float32), jnp.float32(0.5), None, block_k)
+    counts = np.stack([np.asarray(c) for c in hist.counts], 1)
+    np.testing.assert_array_equal(counts.sum(1), 2 * block_k)
+    np.testing.assert_array_equal(counts[:, 0], block_k + 1)
 
 
 @pytest.mark.parametrize("below_edge", [2.0**-14, 2.0**-11, 2.0**-8, 0.0])

@@ -16,7 +16,7 @@ so the roots of the two models bracket τ. Both are solved by bisection on the r
 
 Per tile an entry costs its bin index and a packed count: the four bin counters share an int32 (7
 bits each, or 8 for 128-wide tiles: a tile adds at most ``block_k`` to a bin), so one integer row
-reduction per tile.
+reduction per tile (tiles of 256 keys and more count each bin on its own).
 Four bins rather than eight: in a float32 replay of the solver (normal, tied, clustered, near-uniform
 and outlier rows, 64–8192 keys, α = 1.25–2) eight bins saved 0.2 passes per row on average, less
 than their second word costs per tile.
@@ -37,10 +37,10 @@ BINS = 4  # counters packed in one int32
 # the bisection runs once per program on row vectors (12 × the model's points).
 _BISECTIONS = 12
 # An entry's grid index is a rounded product, off by up to |index|·2^-23 bins: beyond 2^12 bins
-# above the anchor (a max ~600 first-tile spreads above the first tile's) the histogram is not
+# above the anchor (a max ~1,400 first-tile spreads above the first tile's) the histogram is not
 # used and the solver starts from the analytic bracket.
 _MAX_TOP = 2.0**12
-# Entries within this fraction of a bin above an edge may be counted one bin lower (see update).
+# Entries within this fraction of a bin of an edge may be counted in the bin across it (see update).
 _ROUNDING_SHIFT = 2.0**-10
 # Slack on the bin edges (relative to the width), well above that and the rounding of u.
 _EDGE_SLACK = 2.0**-6
@@ -114,6 +114,9 @@ def update(hist: RowHistogram, d, tile_max, new_max, x_mult) -> RowHistogram:
     k_float = ((anchor[:, None] - d) * scale[:, None] + (top + (1.5 - _ROUNDING_SHIFT))[:, None]) + magic
     k = (lax.bitcast_convert_type(jnp.minimum(k_float, magic + 1 + BINS), jnp.int32)
          - (int(np.float32(magic).view(np.int32)) + 1))
+    if d.shape[1] >= 256:  # a bin may get 256 entries of one tile: more than 8 bits, count per bin
+        return RowHistogram(anchor, width, scale, top, tuple(
+            c + jnp.sum((k == i).astype(jnp.float32), axis=1) for i, c in enumerate(counts)))
     # One packed count per entry: bin k adds 1 << (bits·k). With 7-bit fields (block_k < 128) bin
     # BINS lands in the unused top bits, where overflow only wraps; 8-bit fields need a select.
     bits = 7 if d.shape[1] < 128 else 8
