@@ -123,12 +123,12 @@ def loop_visits(k: KernelCost, *, tiles: int, boundary: int, programs: int, solv
     boundary`` visits) and a boundary loop (``boundary``); the τ kernel's loops without matmuls
     (the histogram models' bisections) run ``BISECTIONS`` times per program; its first pass (max +
     histogram) runs once and its second (the solver's) ``solver_passes`` times."""
-    from adasplash_jax.kernels.histogram import _BISECTIONS
+    from adasplash_jax.kernels.histogram import BISECTIONS
 
     visits, mma_pass = [], 0
     for _, flops in k.loops:
         if flops == 0:
-            visits.append(_BISECTIONS * programs)
+            visits.append(BISECTIONS * programs)
             continue
         repeat = solver_passes if (k.label == "tau" and mma_pass >= 2) else 1
         visits.append(repeat * ((tiles - boundary) if mma_pass % 2 == 0 else boundary))

@@ -35,7 +35,7 @@ from adasplash_jax.kernels.config import MASKED
 BINS = 4  # counters packed in one int32
 # Model roots by bisection: 2^-12 of the analytic bracket (≤ 1 wide) is far inside one bin, and
 # the bisection runs once per program on row vectors (12 × the model's points).
-_BISECTIONS = 12
+BISECTIONS = 12
 # An entry's grid index is a rounded product, off by up to |index|·2^-23 bins: beyond 2^12 bins
 # above the anchor (a max ~1,400 first-tile spreads above the first tile's) the histogram is not
 # used and the solver starts from the analytic bracket.
@@ -108,8 +108,8 @@ def update(hist: RowHistogram, d, tile_max, new_max, x_mult) -> RowHistogram:
     # conversion (which Triton clamps to the int32 range first); the sum stays above 2^23 + 1/2,
     # where floats are integers. ε = 2^-10 keeps an entry exactly on an edge (the anchor itself)
     # in its bin, at the price of entries within ε of an edge landing in the bin on its other
-    # side, which both models' edge slack covers. Masked entries, those below the window and rows without a
-    # grid (scale 0, top = BINS) clamp to k = BINS.
+    # side, which both models' edge slack covers. Masked entries, those below the window and rows
+    # without a grid (scale 0, top = BINS) clamp to k = BINS.
     magic = 2.0**23
     k_float = ((anchor[:, None] - d) * scale[:, None] + (top + (1.5 - _ROUNDING_SHIFT))[:, None]) + magic
     k = (lax.bitcast_convert_type(jnp.minimum(k_float, magic + 1 + BINS), jnp.int32)
@@ -137,7 +137,7 @@ def _model_root(power, points, lo, hi):
         mass = sum(n * power(jnp.maximum(e - t, 0.0)) for n, e in points)
         return jnp.where(mass > 1.0, t, lo), jnp.where(mass > 1.0, hi, t)
 
-    return lax.fori_loop(0, _BISECTIONS, step, (lo, hi))
+    return lax.fori_loop(0, BISECTIONS, step, (lo, hi))
 
 
 def bracket(hist: RowHistogram, power, row_max, allowed, x_mult, lo, hi):
