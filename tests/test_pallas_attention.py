@@ -63,6 +63,9 @@ CASES = {
     "gqa_group_of_3_causal": (1, 33, 45, 3, 1, 16, dict(is_causal=True)),
     "gqa_causal_q_shorter": (2, 20, 70, 4, 2, 32, dict(is_causal=True)),
     "q_longer_than_kv_scale": (1, 64, 24, 2, 2, 16, dict(scale=0.7)),
+    # A negative scale flips which key is each row's best (the kernels' row max is of q·kᵀ).
+    "negative_scale_causal_alibi": (1, 40, 40, 2, 2, 16, dict(scale=-0.4, is_causal=True,
+                                                              alibi_slopes=jnp.array([0.1, 0.3]))),
     "lengths": (2, 40, 48, 2, 1, 16, dict(query_seq_lengths=jnp.array([40, 17]),
                                             key_value_seq_lengths=jnp.array([9, 48]))),
     "segments_self_causal": (2, 48, 48, 2, 2, 16, dict(segment_ids=jnp.array([[0] * 10 + [1] * 30 + [2] * 8,

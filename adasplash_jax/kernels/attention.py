@@ -17,6 +17,7 @@ interpret mode.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -144,6 +145,10 @@ def pallas_attention(
     return_stats: bool = False,
 ):
     """Entmax attention with the Pallas kernels for validated inputs (see ``entmax_attention``)."""
+    if inp.scale < 0:
+        # The kernels take the row max of the raw scores q·kᵀ as the entmax input's max, which
+        # holds for a positive scale only: s·q·kᵀ = |s|·q·(−k)ᵀ (autodiff sees the negation).
+        inp = dataclasses.replace(inp, key=-inp.key, scale=-inp.scale)
     cfg = make_config(inp, block_sizes, interpret, count_nonzero=return_stats)
     args = kernel_inputs(cfg, inp)
     try:
