@@ -65,14 +65,17 @@ class BlockSizes:
     def for_head_dim(cls, head_dim: int) -> "BlockSizes":
         """The defaults, chosen from the kernels compiled for sm_80 and sm_90 (python -m adasplash_jax.aot,
         2026-12-01, bf16; ptxas caps the τ kernel at 128 registers at 8 warps, 64 for 32×32 tiles): the
-        τ kernel at 8 warps (4 warps: 168 registers and 12–16 B of spills on sm_80), with one stage at
-        d ≤ 64 (two: its histogram start spills 4–48 B there on sm_80; at d = 128 one stage spills 12 B
+        τ kernel at 4 warps for d ≤ 32 (167–231 registers, no spills; 29–30% fewer issue slots per
+        tile than 8 warps on sm_90, whose 64-row warpgroup then keeps every row in one warp), at 8
+        for d = 64 and 128 (4 warps: 8–16 B of spills on sm_80 at α = 2 and 1.5 (d = 64), 1.8 and per-head
+        α (d = 128), where ptxas stops at 168 or 255 registers), with one stage at
+        d = 64 (two: its histogram start spills 4–48 B there on sm_80; at d = 128 one stage spills 12 B
         and two none), and at 2 warps for d = 256 (4: 16 B on sm_80, 8: 20–36 B); the backward kernels
         at one stage from d = 64 (two stages: dK/dV at 255 registers spills 16–24 B on sm_80; one
         stage: 224–253, none) and 8 warps (the learned-α dQ spills 96 B at 4 warps), 4 at d = 32 (8
         warps: the dQ spills 8 B)."""
         if head_dim <= 32:
-            return cls(64, 64, 4, 2, tau_num_warps=8, backward_num_warps=4, backward_num_stages=1)
+            return cls(64, 64, 4, 2, backward_num_warps=4, backward_num_stages=1)
         if head_dim <= 64:
             return cls(64, 64, 4, 2, tau_num_warps=8, tau_num_stages=1, backward_num_warps=8,
                        backward_num_stages=1)
