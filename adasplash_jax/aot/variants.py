@@ -53,7 +53,8 @@ class Variant:
             parts.append(f"gqa{self.num_heads}:{self.kv_heads}")
         if self.block_sizes is not None:
             b = self.block_sizes
-            (tw, ts), _, (bw, bs) = (b.launch()[k] for k in ("tau", "forward", "backward"))
+            launch = b.launch()
+            (tw, ts), (bw, bs) = launch["tau"], launch["backward"]
             parts.append(f"tile{b.block_q}x{b.block_k}w{b.num_warps}s{b.num_stages}-tau{tw}w{ts}s-bwd{bw}w{bs}s")
             if not b.histogram_start:
                 parts.append("nohist")

@@ -17,7 +17,6 @@ interpret mode.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -108,11 +107,14 @@ def _segments_with_padding_mask(inp: AttentionInputs, B: int, T: int, S: int):
 def kernel_inputs(cfg: KernelConfig, inp: AttentionInputs):
     """The kernels' arguments (q, k, v, α, q_len, kv_len, TileInputs): padded to whole blocks and a
     power-of-two head_dim, padding folded into the lengths, padding masks into segment ids, a
-    dense mask and bias prepared by mask_info."""
+    dense mask and bias prepared by mask_info, the key negated for a negative scale."""
     B = inp.query.shape[0]
     hp = cfg.head_dim_padded
     q = pad_axis(pad_axis(inp.query, 1, cfg.q_len_padded), 3, hp)
-    k = pad_axis(pad_axis(inp.key, 1, cfg.kv_len_padded), 3, hp)
+    # The kernels take the row max of the raw scores q·kᵀ as the entmax input's max, which holds
+    # for a positive scale only: a negative one runs as |s|·q·(−k)ᵀ (cfg.scale is |s|; autodiff
+    # sees the negation).
+    k = pad_axis(pad_axis(-inp.key if inp.scale < 0 else inp.key, 1, cfg.kv_len_padded), 3, hp)
     v = pad_axis(pad_axis(inp.value, 1, cfg.kv_len_padded), 3, hp)
     q_len = jnp.full((B,), cfg.q_len, jnp.int32)
     kv_len = jnp.full((B,), cfg.kv_len, jnp.int32)
@@ -145,10 +147,6 @@ def pallas_attention(
     return_stats: bool = False,
 ):
     """Entmax attention with the Pallas kernels for validated inputs (see ``entmax_attention``)."""
-    if inp.scale < 0:
-        # The kernels take the row max of the raw scores q·kᵀ as the entmax input's max, which
-        # holds for a positive scale only: s·q·kᵀ = |s|·q·(−k)ᵀ (autodiff sees the negation).
-        inp = dataclasses.replace(inp, key=-inp.key, scale=-inp.scale)
     cfg = make_config(inp, block_sizes, interpret, count_nonzero=return_stats)
     args = kernel_inputs(cfg, inp)
     try:

@@ -235,8 +235,9 @@ def make_config(inp: AttentionInputs, block_sizes: BlockSizes | None, interpret:
     return KernelConfig(
         q_len=T, kv_len=S, num_heads=N, num_kv_heads=K, head_dim=H,
         block_q=block_q, block_k=block_k, launch=tuple(bs.launch().items()),
-        n_iter=bs.solver_passes(), adaptive=bs.n_iter is None, histogram_start=bs.histogram_start, causal=inp.is_causal, window=inp.window,
-        scale=inp.scale,
+        n_iter=bs.solver_passes(), adaptive=bs.n_iter is None, histogram_start=bs.histogram_start,
+        causal=inp.is_causal, window=inp.window,
+        scale=abs(inp.scale),  # kernel_inputs negates the key for a negative scale
         alpha_static=alpha_static,
         has_segments=inp.q_segment_ids is not None or padding_mask, has_alibi=inp.alibi_slopes is not None,
         mask_layout=layout(dense_mask), bias_layout=layout(inp.bias),
