@@ -147,19 +147,6 @@ def _probabilities(x, alpha, alpha_static, solver, n_iter):
     return p * scale, row_max
 
 
-def alpha_grad_from_row_sums(alpha, delta, us, plogp, dp_us, dp_plogp, u_sum):
-    """dL/dα of one row from its row sums (shared by the dense backward and the dQ kernel).
-
-    p_j(α) = z_j^c0 with z_j = (α−1)s_j − τ(α), c0 = 1/(α−1); differentiating Σp = 1,
-    dp_j/dα = c0·(u_j(s_j − τ') − p_j log p_j) with τ' = (Σus − Σ p log p)/Σu. Contracted
-    with the upstream dP (Σ dP·u = δ·Σu): c0·(Σ dP·u·s − τ'·δ·Σu − Σ dP·p log p).
-    """
-    c0 = 1.0 / (alpha - 1.0)
-    safe = jnp.where(u_sum > 0, u_sum, 1.0)
-    tau_prime = (us - plogp) / safe
-    return c0 * (dp_us - tau_prime * delta * u_sum - dp_plogp)
-
-
 # Shifted scores below this are outside any support; clamping keeps (x − m)·dα finite
 # where x = −inf (a −inf times a zero tangent would be NaN under second derivatives).
 _SHIFT_FLOOR = -1e30
@@ -239,7 +226,7 @@ def _entmax_last_jvp(alpha_static, solver, n_iter, primals, tangents):
     if alpha_static is not None:
         return p, dp
     # p_j(α) = z_j^c0, c0 = 1/(α−1): dp_j/dα = c0·(u_j(s_j − τ') − p_j log p_j) with
-    # τ' = (Σus − Σ p log p)/Σu (see `alpha_grad_from_row_sums`, its contracted form).
+    # τ' = (Σus − Σ p log p)/Σu (the dQ kernel uses the contracted form, where τ' cancels).
     on = p > 0
     s = jnp.where(on, shifted, 0.0)
     p_log_p = jnp.where(on, p * jnp.log(jnp.where(on, p, 1.0)), 0.0)

@@ -49,26 +49,14 @@ def _need_tools():
 # The bf16/fp16 kernels that spill registers today (2026-12-01: ptxas 13.5, jaxlib 0.10.2's Triton,
 # default BlockSizes: τ at 8 warps (one stage at d = 64, 2 warps at d = 256), backward at 8 warps
 # (4 at d = 32) and one stage), measured on the default matrix (`python -m adasplash_jax.aot --matrix
-# --no-sass`): 21 of 580, down from 42 (86 before the per-stage launch parameters). No dK/dV spills, and
-# τ spills only 4–8 B in four variants (d = 256, d = 64 window + ALiBi). Left: the learned-α dQ
-# (8–136 B), two d = 32 training forwards at α = 2 and the d = 128 mask + bias training forward on
-# sm_80, three d = 256 forwards on sm_90. Entries for variants only in the full matrix
-# (ADASPLASH_AOT_FULL=1) date from before and are not re-measured by default. Strict xfails: the
-# kernel change that stops one spilling must delete its line.
+# --no-sass`): 10 of 580, down from 21 before the learned-α dQ kept one row sum instead of five (42
+# and 86 earlier). No dK/dV or dQ spills, and τ spills only 4–8 B in four variants (d = 256, d = 64
+# window + ALiBi). Left: two d = 32 training forwards at α = 2 and the d = 128 mask + bias training
+# forward on sm_80, three d = 256 forwards on sm_90. Entries for variants only in the full matrix
+# (ADASPLASH_AOT_FULL=1) date from before and are not re-measured by default (their dQ lines were
+# removed: the fp16 full-attention learned-α dQ at d = 32, 64, 128 compiles without spills). Strict
+# xfails: the kernel change that stops one spilling must delete its line.
 SPILL_TODAY = {
-    # dq on sm_80: 7
-    "d128-bf16-causal-alearned-L4096-gqa8:2:dq:sm_80",
-    "d128-bf16-causal-alearned-L4096:dq:sm_80",
-    "d128-fp16-causal-alearned-L4096:dq:sm_80",
-    "d64-bf16-causal-alearned-L4096-gqa8:2:dq:sm_80",
-    "d64-bf16-causal-alearned-L4096:dq:sm_80",
-    "d64-bf16-full-alearned-L4096:dq:sm_80",
-    "d64-fp16-causal-alearned-L4096:dq:sm_80",
-    # dq on sm_90: 4
-    "d128-bf16-causal-alearned-L4096-gqa8:2:dq:sm_90",
-    "d128-bf16-causal-alearned-L4096:dq:sm_90",
-    "d128-bf16-full-alearned-L4096:dq:sm_90",
-    "d128-fp16-causal-alearned-L4096:dq:sm_90",
     # forward on sm_90: 3
     "d256-bf16-full-a1.8-L4096:forward:sm_90",
     "d256-bf16-full-ahead-L4096:forward:sm_90",
@@ -83,7 +71,7 @@ SPILL_TODAY = {
     "d64-bf16-causal-a1.5-L4096-window+alibi:tau:sm_80",
     # tau on sm_90: 1
     "d256-bf16-causal-a1.8-L4096:tau:sm_90",
-    # only in the full matrix (ADASPLASH_AOT_FULL=1), not re-measured: 29
+    # only in the full matrix (ADASPLASH_AOT_FULL=1), not re-measured: 23
     "d128-fp16-causal-a1.8-L4096:dkdv:sm_80",
     "d128-fp16-causal-a1.8-L4096:tau:sm_80",
     "d128-fp16-causal-a2-L4096:dkdv:sm_80",
@@ -97,12 +85,8 @@ SPILL_TODAY = {
     "d128-fp16-full-ahead-L4096:dkdv:sm_80",
     "d128-fp16-full-ahead-L4096:tau:sm_80",
     "d128-fp16-full-alearned-L4096:dkdv:sm_80",
-    "d128-fp16-full-alearned-L4096:dq:sm_80",
-    "d128-fp16-full-alearned-L4096:dq:sm_90",
     "d128-fp16-full-alearned-L4096:tau:sm_80",
     "d256-fp16-full-a2-L4096:tau:sm_80",
-    "d32-fp16-full-alearned-L4096:dq:sm_80",
-    "d32-fp16-full-alearned-L4096:dq:sm_90",
     "d64-fp16-causal-a1.8-L4096:dkdv:sm_80",
     "d64-fp16-causal-a1.8-L4096:tau:sm_80",
     "d64-fp16-causal-a2-L4096:dkdv:sm_80",
@@ -111,8 +95,6 @@ SPILL_TODAY = {
     "d64-fp16-full-a1.8-L4096:dkdv:sm_80",
     "d64-fp16-full-ahead-L4096:dkdv:sm_80",
     "d64-fp16-full-alearned-L4096:dkdv:sm_80",
-    "d64-fp16-full-alearned-L4096:dq:sm_80",
-    "d64-fp16-full-alearned-L4096:dq:sm_90",
 }
 
 

@@ -8,15 +8,17 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 
-from adasplash_jax.entmax import alpha_grad_from_row_sums
 from adasplash_jax.kernels.config import KernelConfig
 from adasplash_jax.kernels.mask_info import transposed_kinds
 from adasplash_jax.kernels.specs import block_specs, call, tile_input_specs
 from adasplash_jax.kernels.tiles import (RowContext, TileInputs, alpha_of, dot, interior_query_blocks,
-                                         list_slots_below, split_loop, tile_powers)
+                                         list_slots_below, log2_positive, split_loop, tile_powers, tile_x)
 from adasplash_jax.tiling import active_block_lists, pad_axis, transposed_block_mask
+
+_LN2 = float(np.log(2.0))
 
 
 def _dkdv_kernel(
@@ -86,40 +88,42 @@ def _dq_kernel(
     tau, row_max, inv_norm, u_scale, delta = (tau_ref[...], row_max_ref[...], inv_norm_ref[...], u_scale_ref[...],
                                               delta_ref[...])
 
+    if with_alpha_grad:
+        c0 = 1.0 / (alpha - 1.0)
+        # log p = c0·ln z + ln(1/Σ): one lg2 per entry, the one the powers take anyway (an empty
+        # row, 1/Σ = 0, has p = 0 everywhere: its log term is never used).
+        log_inv_norm = jnp.log(jnp.where(inv_norm > 0, inv_norm, 1.0))
+
     def body(t, masked, carry):
-        dq, sums = carry
+        dq, alpha_sum = carry
         j = list_ref[t]
         d, _, k = row.scores(q, k_ref, j, masked)
-        _, p0, p1 = tile_powers(cfg, alpha, d, tau, row_max)
+        z, p0, p1 = tile_powers(cfg, alpha, d, tau, row_max)
         p = p0 * inv_norm[:, None]
         u = p1 * u_scale[:, None]
         v = v_ref[pl.ds(j * cfg.block_k, cfg.block_k), :]
-        dp = dot(cfg, do, v, trans_b=True)
-        ds = u * (dp - delta[:, None])
+        dp_centred = dot(cfg, do, v, trans_b=True) - delta[:, None]
+        ds = u * dp_centred
         dq = dq + dot(cfg, ds.astype(k.dtype), k)
         if with_bias_grad:  # ds is dL/ds for the scaled score s = scale·q·kᵀ + bias
             bias_grad_ref[:, pl.ds(j * cfg.block_k, cfg.block_k)] = ds
         if with_alpha_grad:
-            # Row sums for dL/dα (see _alpha_grad_from_row_sums): Σu·s, Σp·log p, Σ dP·u·s, Σ dP·p·log p.
-            s_on = jnp.where(p > 0, (d - row_max[:, None]) * cfg.scale, 0.0)  # shift-invariant; exact near the max
-            p_log_p = jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0)
-            sums = (
-                sums[0] + jnp.sum(u * s_on, 1),
-                sums[1] + jnp.sum(p_log_p, 1),
-                sums[2] + jnp.sum(dp * u * s_on, 1),
-                sums[3] + jnp.sum(dp * p_log_p, 1),
-                sums[4] + jnp.sum(u, 1),
-            )
-        return dq, sums
+            # dL/dα of a row = c0·Σ_j (dP_j − δ)(u_j s_j − p_j log p_j): from dp_j/dα = c0·(u_j(s_j − τ')
+            # − p_j log p_j) and Σ dP·u = δ·Σu, the τ' term cancels, so one row sum, no Σu. s = x/(α−1)
+            # with x relative to the row max (the sum is shift-invariant); u and p are exact zeros
+            # off the support, so no selects.
+            x = tile_x(cfg, alpha, d, row_max)
+            term = c0 * (u * x - _LN2 * p * log2_positive(cfg, z)) - p * log_inv_norm[:, None]
+            alpha_sum = alpha_sum + jnp.sum(dp_centred * term, 1)
+        return dq, alpha_sum
 
-    zero = jnp.zeros((cfg.block_q,), jnp.float32)
-    init = (jnp.zeros((cfg.block_q, cfg.head_dim_padded), jnp.float32), (zero,) * 5)
+    init = (jnp.zeros((cfg.block_q, cfg.head_dim_padded), jnp.float32), jnp.zeros((cfg.block_q,), jnp.float32))
     count = count_ref[...]
     interior = list_slots_below(list_ref[...], count, row.interior_end())
-    dq, sums = split_loop(count, 0, interior, body, init)
+    dq, alpha_sum = split_loop(count, 0, interior, body, init)
     dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
     if with_alpha_grad:
-        extra.pop(0)[...] = alpha_grad_from_row_sums(alpha, delta, *sums)
+        extra.pop(0)[...] = c0 * alpha_sum
     if cfg.debug:
         extra.pop(0)[...] = count
 

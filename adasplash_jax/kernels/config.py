@@ -72,7 +72,7 @@ class BlockSizes:
         d = 64 (two: its histogram start spills 4–48 B there on sm_80; at d = 128 one stage spills 12 B
         and two none), and at 2 warps for d = 256 (4: 16 B on sm_80, 8: 20–36 B); the backward kernels
         at one stage from d = 64 (two stages: dK/dV at 255 registers spills 16–24 B on sm_80; one
-        stage: 224–253, none) and 8 warps (the learned-α dQ spills 96 B at 4 warps), 4 at d = 32 (8
+        stage: 224–253, none) and 8 warps (the learned-α dQ spilled 96 B at 4 warps with its former five row sums), 4 at d = 32 (8
         warps: the dQ spills 8 B)."""
         if head_dim <= 32:
             return cls(64, 64, 4, 2, backward_num_warps=4, backward_num_stages=1)

@@ -236,6 +236,11 @@ def _mufu(cfg: KernelConfig, op: str, x, exact):
     return y
 
 
+def log2_positive(cfg: KernelConfig, z):
+    """log2 z where z > 0, 0 elsewhere (one lg2 on the GPU; never the log of z ≤ 0)."""
+    return _mufu(cfg, "lg2", jnp.where(z > 0, z, 1.0), jnp.log2)
+
+
 def powers(cfg: KernelConfig, alpha, z, *, need_c2=True):
     """(z^c0, z^c1, z^c2) for z ≥ 0 with exact zeros where z = 0 (c0 = 1/(α−1), c1 = c0 − 1,
     c2 = c0 − 2), as few instructions as the α allows: α = 2 and 1.5 are polynomials; other α
@@ -246,7 +251,7 @@ def powers(cfg: KernelConfig, alpha, z, *, need_c2=True):
     if cfg.alpha_static == 1.5:
         return z * z, z, pos.astype(z.dtype) if need_c2 else None
     c0 = 1.0 / (alpha - 1.0)
-    log_z = _mufu(cfg, "lg2", jnp.where(pos, z, 1.0), jnp.log2)
+    log_z = log2_positive(cfg, z)
     p1 = jnp.where(pos, _mufu(cfg, "ex2", (c0 - 1.0) * log_z, jnp.exp2), 0.0)
     p0 = p1 * z
     p2 = jnp.where(pos, _mufu(cfg, "ex2", (c0 - 2.0) * log_z, jnp.exp2), 0.0) if need_c2 else None
