@@ -5,6 +5,8 @@ Times forward and forward+backward (medians of jit-compiled runs, one process, s
     pallas_mha    jax.experimental.pallas.ops.gpu.attention.mha               softmax
     entmax_dense  adasplash_jax.entmax_attention(implementation="xla")        α-entmax, scores materialised
     adasplash     adasplash_jax.entmax_attention(implementation="pallas")     α-entmax, zero tiles skipped
+    adasplash_8w  the same kernels with every τ and backward kernel at 8 warps (GPU only: the launch
+                  before the 4-warp defaults, whose lost occupancy the cost model cannot price)
 at several lengths, causal and not, with inputs scaled for low and high sparsity, and prints the
 block sparsity (fraction of tiles the kernels skip) and the ratios to cuDNN.
 
@@ -18,13 +20,14 @@ exist there and the Pallas kernels in interpret mode — useful only to check th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 
-from adasplash_jax import entmax_attention, entmax_attention_with_stats
+from adasplash_jax import BlockSizes, entmax_attention, entmax_attention_with_stats
 
 
 def median_ms(fn, *args, reps: int) -> float:
@@ -37,7 +40,7 @@ def median_ms(fn, *args, reps: int) -> float:
     return statistics.median(times)
 
 
-def implementations(causal: bool, alpha: float, on_gpu: bool):
+def implementations(causal: bool, alpha: float, head_dim: int, on_gpu: bool):
     impls = {}
     if on_gpu:
         impls["cudnn"] = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
@@ -53,6 +56,11 @@ def implementations(causal: bool, alpha: float, on_gpu: bool):
                                                              implementation="xla")
     impls["adasplash"] = lambda q, k, v: entmax_attention(q, k, v, alpha=alpha, is_causal=causal,
                                                           implementation="pallas")
+    if on_gpu and head_dim <= 128:
+        eight = dataclasses.replace(BlockSizes.for_head_dim(head_dim, alpha), tau_num_warps=8,
+                                    tau_num_stages=1 if head_dim <= 64 else 2, backward_num_warps=8)
+        impls["adasplash_8w"] = lambda q, k, v: entmax_attention(q, k, v, alpha=alpha, is_causal=causal,
+                                                                 implementation="pallas", block_sizes=eight)
     return impls
 
 
@@ -98,7 +106,7 @@ def main():
                     q, k, v, alpha=args.alpha, is_causal=causal, implementation="pallas"))(q, k, v)
                 skipped = 1.0 - float(jnp.mean(stats.active_tile_fraction))
                 results = {}
-                for name, fn in implementations(causal, args.alpha, on_gpu).items():
+                for name, fn in implementations(causal, args.alpha, args.head_dim, on_gpu).items():
                     if name in args.skip:
                         continue
                     try:

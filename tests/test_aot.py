@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from adasplash_jax import aot
+from adasplash_jax import BlockSizes, aot
 from adasplash_jax.aot import Variant
 from adasplash_jax.aot.sass import innermost_loops, parse_ptxas
 
@@ -47,15 +47,14 @@ def _need_tools():
 
 
 # The bf16/fp16 kernels that spill registers today (2026-12-01: ptxas 13.5, jaxlib 0.10.2's Triton,
-# default BlockSizes: τ at 8 warps (one stage at d = 64, 2 warps at d = 256), backward at 8 warps
-# (4 at d = 32) and one stage), measured on the default matrix (`python -m adasplash_jax.aot --matrix
-# --no-sass`): 10 of 580, down from 21 before the learned-α dQ kept one row sum instead of five (42
-# and 86 earlier). No dK/dV or dQ spills, and τ spills only 4–8 B in four variants (d = 256, d = 64
-# window + ALiBi). Left: two d = 32 training forwards at α = 2 and the d = 128 mask + bias training
-# forward on sm_80, three d = 256 forwards on sm_90. Entries for variants only in the full matrix
-# (ADASPLASH_AOT_FULL=1) date from before and are not re-measured by default (their dQ lines were
-# removed: the fp16 full-attention learned-α dQ at d = 32, 64, 128 compiles without spills). Strict
-# xfails: the kernel change that stops one spilling must delete its line.
+# default BlockSizes for each target), measured on the default matrix (`python -m adasplash_jax.aot
+# --matrix --no-sass`): 9 of 580, down from 21 before the learned-α dQ kept one row sum instead of
+# five and the d = 64 τ kernel went to 4 warps (42 and 86 earlier). No dK/dV or dQ spills; the τ
+# kernel spills 8 B in three d = 256 variants; two d = 32 training forwards at α = 2 and the d = 128
+# mask + bias training forward on sm_80, three d = 256 forwards on sm_90. The full matrix
+# (ADASPLASH_AOT_FULL=1) was re-measured the same day at d = 32, 64, 128, 256: its only other
+# spills are the fp16 twins of these. Strict xfails: the kernel change that stops one spilling must
+# delete its line.
 SPILL_TODAY = {
     # forward on sm_90: 3
     "d256-bf16-full-a1.8-L4096:forward:sm_90",
@@ -65,36 +64,20 @@ SPILL_TODAY = {
     "d128-bf16-causal-a1.5-L4096-mask+bias:forward+res:sm_80",
     "d32-bf16-causal-a2-L4096:forward+res:sm_80",
     "d32-bf16-full-a2-L4096:forward+res:sm_80",
-    # tau on sm_80: 3
+    # tau on sm_80: 2
     "d256-bf16-full-ahead-L4096:tau:sm_80",
     "d256-bf16-full-alearned-L4096:tau:sm_80",
-    "d64-bf16-causal-a1.5-L4096-window+alibi:tau:sm_80",
     # tau on sm_90: 1
     "d256-bf16-causal-a1.8-L4096:tau:sm_90",
-    # only in the full matrix (ADASPLASH_AOT_FULL=1), not re-measured: 23
-    "d128-fp16-causal-a1.8-L4096:dkdv:sm_80",
-    "d128-fp16-causal-a1.8-L4096:tau:sm_80",
-    "d128-fp16-causal-a2-L4096:dkdv:sm_80",
-    "d128-fp16-causal-ahead-L4096:dkdv:sm_80",
-    "d128-fp16-causal-ahead-L4096:tau:sm_80",
-    "d128-fp16-full-a1.5-L4096:dkdv:sm_80",
-    "d128-fp16-full-a1.8-L4096:dkdv:sm_80",
-    "d128-fp16-full-a1.8-L4096:tau:sm_80",
-    "d128-fp16-full-a2-L4096:dkdv:sm_80",
-    "d128-fp16-full-a2-L4096:forward+res:sm_80",
-    "d128-fp16-full-ahead-L4096:dkdv:sm_80",
-    "d128-fp16-full-ahead-L4096:tau:sm_80",
-    "d128-fp16-full-alearned-L4096:dkdv:sm_80",
-    "d128-fp16-full-alearned-L4096:tau:sm_80",
-    "d256-fp16-full-a2-L4096:tau:sm_80",
-    "d64-fp16-causal-a1.8-L4096:dkdv:sm_80",
-    "d64-fp16-causal-a1.8-L4096:tau:sm_80",
-    "d64-fp16-causal-a2-L4096:dkdv:sm_80",
-    "d64-fp16-causal-ahead-L4096:dkdv:sm_80",
-    "d64-fp16-causal-ahead-L4096:tau:sm_80",
-    "d64-fp16-full-a1.8-L4096:dkdv:sm_80",
-    "d64-fp16-full-ahead-L4096:dkdv:sm_80",
-    "d64-fp16-full-alearned-L4096:dkdv:sm_80",
+    # only in the full matrix (ADASPLASH_AOT_FULL=1): 8, the fp16 twins of the above
+    "d256-fp16-causal-a1.8-L4096:tau:sm_90",
+    "d256-fp16-full-a1.8-L4096:forward:sm_90",
+    "d256-fp16-full-ahead-L4096:forward:sm_90",
+    "d256-fp16-full-ahead-L4096:tau:sm_80",
+    "d256-fp16-full-alearned-L4096:forward:sm_90",
+    "d256-fp16-full-alearned-L4096:tau:sm_80",
+    "d32-fp16-causal-a2-L4096:forward+res:sm_80",
+    "d32-fp16-full-a2-L4096:forward+res:sm_80",
 }
 
 
@@ -156,6 +139,20 @@ def _items(dtypes):
 def test_kernel_set(records, variant):
     labels = sorted({r.label for r in records.values() if r.variant == variant})
     assert labels == sorted(LABELS), f"{variant.name}: kernels {labels}"
+
+
+def test_default_launch_follows_the_target(records):
+    """A variant without block sizes compiles the library's defaults for each target: at d = 64 the
+    backward kernels run at 4 warps on sm_90 and 8 on sm_80 (4 spill there)."""
+    name = Variant(head_dim=64, dtype="bfloat16", causal=True, alpha=1.5).name
+    warps = {}
+    for t in TARGETS:
+        launch = BlockSizes.for_head_dim(64, 1.5, aot.get_target(t).compute_capability).launch()
+        for label, stage in (("tau", "tau"), ("forward", "forward"), ("dkdv", "backward"), ("dq", "backward")):
+            r = _record(records, f"{name}:{label}:{t}")
+            assert (r.num_warps, r.num_stages) == launch[stage], f"{name}:{label}:{t}"
+        warps[t] = _record(records, f"{name}:dkdv:{t}").num_warps
+    assert warps == {"sm_80": 8, "sm_90": 4}
 
 
 @pytest.mark.parametrize("item", list(_items(("bfloat16", "float16", "float32"))))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from adasplash_jax import ALPHA_MIN, BlockSizes, entmax, entmax_attention, entmax_loss, sparsemax_loss
-from adasplash_jax.inputs import check_alpha
+from adasplash_jax.inputs import check_alpha, check_attention_inputs
 
 
 @pytest.mark.parametrize("alpha", [1 + 1e-8, 1.0, 0.5, 2.5, float("nan"), -1.0, ALPHA_MIN / 1.0001])
@@ -83,3 +83,34 @@ def test_empty_attention_inputs(impl, shape_q, shape_kv):
     np.testing.assert_array_equal(out, 0.0)
     g = jax.grad(lambda q: entmax_attention(q, kv, kv, implementation=impl).sum())(q)
     assert g.shape == shape_q
+
+
+def test_default_block_sizes_follow_the_gpu(monkeypatch):
+    """The defaults depend on head dim, static α and the GPU (read from the default backend's
+    device): at d = 64 the backward kernels run at 4 warps on sm_90, 8 elsewhere or when unknown."""
+    from types import SimpleNamespace
+
+    from adasplash_jax.kernels import config
+
+    def fake_gpu(cc):
+        monkeypatch.setattr(config.jax, "default_backend", lambda: "gpu")
+        monkeypatch.setattr(config.jax, "devices", lambda: [SimpleNamespace(compute_capability=cc)])
+
+    fake_gpu("9.0")
+    assert config.local_compute_capability() == 90
+    fake_gpu("8.6")
+    assert config.local_compute_capability() == 86
+    fake_gpu(None)  # no compute capability reported (another vendor's GPU)
+    assert config.local_compute_capability() is None
+    monkeypatch.setattr(config.jax, "default_backend", lambda: "cpu")
+    assert config.local_compute_capability() is None
+
+    q = jnp.ones((1, 8, 1, 64), jnp.bfloat16)
+    inp = check_attention_inputs(q, q, q, alpha=1.5, mask=None, is_causal=True, scale=None, query_seq_lengths=None,
+                                 key_value_seq_lengths=None, segment_ids=None)
+    for cc, backward in (("9.0", (4, 1)), ("8.0", (8, 1))):
+        fake_gpu(cc)
+        assert dict(config.make_config(inp, None, interpret=True).launch)["backward"] == backward
+    assert BlockSizes.for_head_dim(64, 1.5).launch()["backward"] == (8, 1)  # unknown GPU: sm_80-safe
+    assert BlockSizes.for_head_dim(64, 2.0).launch()["tau"] == (8, 1)
+    assert BlockSizes.for_head_dim(64, None, 90).launch()["tau"] == (4, 2)

@@ -55,7 +55,18 @@ def _target_device(target):
 # ------------------------------------------------------------------------------------------ lowering
 
 
-def _program(variant, program: str):
+def block_sizes_for(variant, target):
+    """The variant's block sizes, or the library's defaults for the target GPU (they depend on it; a
+    target of None: the defaults for an unknown GPU)."""
+    if variant.block_sizes is not None:
+        return variant.block_sizes
+    from adasplash_jax.kernels.config import BlockSizes
+
+    alpha = None if isinstance(variant.alpha, str) else float(variant.alpha)
+    return BlockSizes.for_head_dim(variant.head_dim, alpha, None if target is None else target.compute_capability)
+
+
+def _program(variant, program: str, block_sizes):
     """(function, argument structs) of one program of a variant."""
     import jax
     import jax.numpy as jnp
@@ -70,7 +81,7 @@ def _program(variant, program: str):
     traced_alpha = isinstance(v.alpha, str)
     if traced_alpha:
         structs.append(jax.ShapeDtypeStruct((v.num_heads,), jnp.float32))
-    kwargs = dict(is_causal=v.causal, implementation="pallas", interpret=False, block_sizes=v.block_sizes)
+    kwargs = dict(is_causal=v.causal, implementation="pallas", interpret=False, block_sizes=block_sizes)
     if "window" in v.features:
         kwargs["local_window_size"] = (256, 0 if v.causal else 256)
     # Array inputs after α, in this order (each present only with its feature).
@@ -242,13 +253,14 @@ def kernel_key(call: dict) -> str:
 
 def lower_variant(variant, targets) -> list[dict]:
     """The kernel calls of every program of a variant. Each gets ``program``, ``target`` (None when
-    one lowering serves every target, as on jaxlib 0.10.2) and ``key`` (identical kernels share it)."""
-    per_target = lowering_needs_target()
+    one lowering serves every target: on jaxlib 0.10.2, when the block sizes are the same for all)
+    and ``key`` (identical kernels share it)."""
+    per_target = lowering_needs_target() or len({block_sizes_for(variant, t) for t in targets}) > 1
     out = []
     for program in variant.programs:
-        fn, structs = _program(variant, program)
         for target in (targets if per_target else [None]):
-            ctx = _target_device(target) if target is not None else contextlib.nullcontext()
+            fn, structs = _program(variant, program, block_sizes_for(variant, target or targets[0]))
+            ctx = _target_device(target) if lowering_needs_target() else contextlib.nullcontext()
             with ctx, warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)  # 0.11+ warns that Pallas Triton is deprecated
                 exported = export_for_cuda(fn, structs)

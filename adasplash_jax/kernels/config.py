@@ -62,25 +62,38 @@ class BlockSizes:
                     backward=(self.backward_num_warps or self.num_warps, self.backward_num_stages or self.num_stages))
 
     @classmethod
-    def for_head_dim(cls, head_dim: int) -> "BlockSizes":
-        """The defaults, chosen from the kernels compiled for sm_80 and sm_90 (python -m adasplash_jax.aot,
-        2026-12-01, bf16; ptxas caps the τ kernel at 128 registers at 8 warps, 64 for 32×32 tiles): the
-        τ kernel at 4 warps for d ≤ 32 (167–231 registers, no spills; 29–30% fewer issue slots per
-        tile than 8 warps on sm_90, whose 64-row warpgroup then keeps every row in one warp), at 8
-        for d = 64 and 128 (4 warps: 8–16 B of spills on sm_80 at α = 2 and 1.5 (d = 64), 1.8 and per-head
-        α (d = 128), where ptxas stops at 168 or 255 registers), with one stage at
-        d = 64 (two: its histogram start spills 4–48 B there on sm_80; at d = 128 one stage spills 12 B
-        and two none), and at 2 warps for d = 256 (4: 16 B on sm_80, 8: 20–36 B); the backward kernels
-        at one stage from d = 64 (two stages: dK/dV at 255 registers spills 16–24 B on sm_80; one
-        stage: 224–253, none) and 8 warps (the learned-α dQ spilled 96 B at 4 warps with its former five row sums), 4 at d = 32 (8
-        warps: the dQ spills 8 B)."""
+    def for_head_dim(cls, head_dim: int, alpha: float | None = None,
+                     compute_capability: int | None = None) -> "BlockSizes":
+        """The defaults for this head dim, α when it is static (an array α: None) and the GPU's compute
+        capability (90 for sm_90; None when unknown, as when lowering without a GPU: then the choices
+        that compile without spills on both sm_80 and sm_90), chosen from the kernels compiled for
+        sm_80 and sm_90 (python -m adasplash_jax.aot, 2026-12-01, bf16).
+
+        τ kernel: 4 warps for d ≤ 64 — a 64-row tile at 4 warps is one sm_90 warpgroup, so each row's
+        reductions stay inside a warp, with no shared-memory exchange between warpgroups: ~30% fewer
+        issue slots per tile than 8 warps (d = 64, α = 1.5: max + histogram pass 4,312 → 2,944,
+        solver pass 2,664 → 1,824) — with two stages at d = 64 (168–237 registers, none spill; one
+        stage spills 16 B on sm_80), except sparsemax (α = 2) at d = 64, kept at 8 warps and one stage,
+        where 4 warps spill 4–8 B on sm_80 (ptxas stops at 168 registers under the PTX's `.reqntid
+        128`: the same PTX with `.maxnreg 255` takes 215 and spills nothing, but no knob reaches it);
+        8 warps at d = 128, 4 on sm_90 and later (168–247 registers, none spill; on sm_80 4 warps spill
+        8–16 B for α = 1.8 and per-head α), 2 at d = 256 (4: 16 B on sm_80, 8: 20–36 B). The backward kernels at one stage from d = 64 (two stages: dK/dV at 255
+        registers spills 16–24 B on sm_80; one stage: 224–253, none) and 8 warps, 4 at d = 32 (8 warps:
+        the dQ spills 8 B) and, on sm_90 and later, at d = 64 too: there dK/dV and dQ at 4 warps keep
+        158–255 registers without spills and take about half the issue slots per tile (α = 1.5: dK/dV
+        4,968 → 2,608, dQ 3,504 → 1,648), while on sm_80 both reach 255 registers and spill 4 B (at d =
+        128 on sm_90, 4 warps spill 8–108 B in five dK/dV variants and 36 B in the learned-α dQ).
+        """
+        hopper = compute_capability is not None and compute_capability >= 90
         if head_dim <= 32:
             return cls(64, 64, 4, 2, backward_num_warps=4, backward_num_stages=1)
         if head_dim <= 64:
-            return cls(64, 64, 4, 2, tau_num_warps=8, tau_num_stages=1, backward_num_warps=8,
-                       backward_num_stages=1)
+            tau = (8, 1) if alpha == 2.0 else (4, 2)
+            return cls(64, 64, 4, 2, tau_num_warps=tau[0], tau_num_stages=tau[1],
+                       backward_num_warps=4 if hopper else 8, backward_num_stages=1)
         if head_dim <= 128:
-            return cls(64, 64, 8, 2, tau_num_warps=8, backward_num_warps=8, backward_num_stages=1)
+            return cls(64, 64, 8, 2, tau_num_warps=4 if hopper else 8, tau_num_stages=2, backward_num_warps=8,
+                       backward_num_stages=1)
         return cls(32, 32, 8, 1, tau_num_warps=2)
 
     def __post_init__(self):
@@ -190,6 +203,19 @@ def tile_shape(block_sizes: BlockSizes, q_len: int, kv_len: int) -> tuple[int, i
     return block_q, block_k
 
 
+def local_compute_capability() -> int | None:
+    """Compute capability of the default backend's GPU (90 for an H100), or None: no NVIDIA GPU here
+    (a CPU, interpret mode, or lowering for CUDA on a machine without one)."""
+    if jax.default_backend() != "gpu":
+        return None
+    cc = getattr(jax.devices()[0], "compute_capability", None)
+    try:
+        major, minor = str(cc).split(".")
+        return 10 * int(major) + int(minor)
+    except ValueError:
+        return None
+
+
 def default_tile_shape(head_dim: int, q_len: int, kv_len: int) -> tuple[int, int]:
     """The tiles of a call with default block sizes (also used to count dense sparsity stats)."""
     return tile_shape(BlockSizes.for_head_dim(head_dim), q_len, kv_len)
@@ -227,8 +253,8 @@ def make_config(inp: AttentionInputs, block_sizes: BlockSizes | None, interpret:
     if reason is not None:
         raise ValueError(reason)
     dtype = inp.query.dtype
-    bs = block_sizes or BlockSizes.for_head_dim(H)
     alpha_static = inp.alpha if isinstance(inp.alpha, float) else None
+    bs = block_sizes or BlockSizes.for_head_dim(H, alpha_static, local_compute_capability())
     block_q, block_k = tile_shape(bs, T, S)
     padding_mask = inp.mask is not None and padding_mask_axis(inp.mask) is not None
     dense_mask = None if inp.mask is None or padding_mask else inp.mask
