@@ -5,8 +5,8 @@ Times forward and forward+backward (medians of jit-compiled runs, one process, s
     pallas_mha    jax.experimental.pallas.ops.gpu.attention.mha               softmax
     entmax_dense  adasplash_jax.entmax_attention(implementation="xla")        α-entmax, scores materialised
     adasplash     adasplash_jax.entmax_attention(implementation="pallas")     α-entmax, zero tiles skipped
-    adasplash_8w  the same kernels with every τ and backward kernel at 8 warps (GPU only: the launch
-                  before the 4-warp defaults, whose lost occupancy the cost model cannot price)
+    adasplash_8w  the same kernels with every τ and backward kernel at 8 warps (GPU only, 32 < d ≤ 128:
+                  the launch before the 4-warp defaults, whose lost occupancy the cost model cannot price)
 at several lengths, causal and not, with inputs scaled for low and high sparsity, and prints the
 block sparsity (fraction of tiles the kernels skip) and the ratios to cuDNN.
 
@@ -56,7 +56,7 @@ def implementations(causal: bool, alpha: float, head_dim: int, on_gpu: bool):
                                                              implementation="xla")
     impls["adasplash"] = lambda q, k, v: entmax_attention(q, k, v, alpha=alpha, is_causal=causal,
                                                           implementation="pallas")
-    if on_gpu and head_dim <= 128:
+    if on_gpu and 32 < head_dim <= 128:  # d ≤ 32 had 4-warp τ and backward kernels before too
         eight = dataclasses.replace(BlockSizes.for_head_dim(head_dim, alpha), tau_num_warps=8,
                                     tau_num_stages=1 if head_dim <= 64 else 2, backward_num_warps=8)
         impls["adasplash_8w"] = lambda q, k, v: entmax_attention(q, k, v, alpha=alpha, is_causal=causal,

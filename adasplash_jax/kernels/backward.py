@@ -5,10 +5,10 @@ terms of the gradient with respect to a per-head α)."""
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 
 from adasplash_jax.kernels.config import KernelConfig
@@ -18,7 +18,7 @@ from adasplash_jax.kernels.tiles import (RowContext, TileInputs, alpha_of, dot, 
                                          list_slots_below, log2_positive, split_loop, tile_powers, tile_x)
 from adasplash_jax.tiling import active_block_lists, pad_axis, transposed_block_mask
 
-_LN2 = float(np.log(2.0))
+_LN2 = math.log(2.0)
 
 
 def _dkdv_kernel(

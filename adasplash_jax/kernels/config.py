@@ -77,9 +77,11 @@ class BlockSizes:
         where 4 warps spill 4–8 B on sm_80 (ptxas stops at 168 registers under the PTX's `.reqntid
         128`: the same PTX with `.maxnreg 255` takes 215 and spills nothing, but no knob reaches it);
         8 warps at d = 128, 4 on sm_90 and later (168–247 registers, none spill; on sm_80 4 warps spill
-        8–16 B for α = 1.8 and per-head α), 2 at d = 256 (4: 16 B on sm_80, 8: 20–36 B). The backward kernels at one stage from d = 64 (two stages: dK/dV at 255
-        registers spills 16–24 B on sm_80; one stage: 224–253, none) and 8 warps, 4 at d = 32 (8 warps:
-        the dQ spills 8 B) and, on sm_90 and later, at d = 64 too: there dK/dV and dQ at 4 warps keep
+        8–16 B for α = 1.8 and per-head α), 2 at d = 256 (4: 16 B on sm_80, 8: 20–36 B).
+
+        Backward kernels: one stage from d = 64 (two stages: dK/dV at 255 registers spills 16–24 B on
+        sm_80; one stage: 224–253, none) and 8 warps, 4 at d = 32 (8 warps: the dQ spills 8 B) and, on
+        sm_90 and later, at d = 64 too: there dK/dV and dQ at 4 warps keep
         158–255 registers without spills and take about half the issue slots per tile (α = 1.5: dK/dV
         4,968 → 2,608, dQ 3,504 → 1,648), while on sm_80 both reach 255 registers and spill 4 B (at d =
         128 on sm_90, 4 warps spill 8–108 B in five dK/dV variants and 36 B in the learned-α dQ).
