@@ -6,9 +6,12 @@ iteration of each innermost loop (one block_q × block_k tile); the pass structu
 tiles each loop visits. Every pass is two loops, one over interior tiles (no keep mask) and one over
 boundary tiles (the causal diagonal: one per query or key block):
 
-    τ kernel      max + histogram pass, then the solver passes (each also marks the block mask) —
-                  over every *visible* tile (the causal triangle, or all tiles); between them two
-                  row-level loops (the histogram models' bisections) run once per query block
+    τ kernel      max + histogram pass over every *visible* tile (the causal triangle, or all
+                  tiles), from the diagonal down, which also marks the tiles whose top score may
+                  reach the support; then the solver passes over the *marked* tiles (each pass
+                  marks the block mask, which the next pass visits): about the active tiles
+                  (× --marked-over-active, measured by benchmarks/tau_passes.py --local); between
+                  them two row-level loops (the histogram models' bisections), once per query block
     forward       one pass over the *active* tiles (those holding a non-zero probability)
     dK/dV, dQ     one pass each over the active tiles
 
@@ -79,6 +82,10 @@ GPUS = {
 # 2026-12-01, not recompiled by this script).
 ADASPLASH2_SLOTS = {"tau": 4343, "tau passes": "max 219, histogram 1,664, Halley 1,144, Halley+mask 1,316",
                     "forward": 1660, "dq": 1652, "dkdv": 2080}
+# Tiles each τ solver pass visits per active tile (its marks: a superset of the block mask at the
+# final τ), mean of `python benchmarks/tau_passes.py --local --length 1024 --alphas 1.5,2` (query
+# scales 0.3, 1, 3: 1.55, 1.00, 1.00 for α = 1.5; 1.16, 1.00, 1.00 for α = 2; 2026-12-02).
+MARKED_OVER_ACTIVE = 1.12
 ADASPLASH2_MATMULS = {"tau": 4, "forward": 2, "dq": 3, "dkdv": 4}  # QKᵀ-sized matmuls per tile
 # Published fwd+bwd times (ms), H100, causal: (L, block sparsity, FlashAttention-2 CUDA, AdaSplash-2).
 ADASPLASH2_PUBLISHED = [(4096, 0.51, 3.1, 3.3), (8192, 0.58, 11, 11), (16384, 0.64, 42, 41),
@@ -118,11 +125,13 @@ def profiles(records, head_dim: int) -> dict:
     return out
 
 
-def loop_visits(k: KernelCost, *, tiles: int, boundary: int, programs: int, solver_passes: int = 1):
+def loop_visits(k: KernelCost, *, tiles: int, boundary: int, programs: int, solver_passes: int = 1,
+                solver_tiles: float | None = None):
     """Iterations of each of a kernel's loops in one call: a pass is an interior loop (``tiles −
     boundary`` visits) and a boundary loop (``boundary``); the τ kernel's loops without matmuls
     (the histogram models' bisections) run ``BISECTIONS`` times per program; its first pass (max +
-    histogram) runs once and its second (the solver's) ``solver_passes`` times."""
+    histogram, boundary loop first) runs once over ``tiles`` and its second (the solver's)
+    ``solver_passes`` times over ``solver_tiles`` (default: all ``tiles``)."""
     from adasplash_jax.kernels.histogram import BISECTIONS
 
     visits, mma_pass = [], 0
@@ -130,15 +139,22 @@ def loop_visits(k: KernelCost, *, tiles: int, boundary: int, programs: int, solv
         if flops == 0:
             visits.append(BISECTIONS * programs)
             continue
-        repeat = solver_passes if (k.label == "tau" and mma_pass >= 2) else 1
-        visits.append(repeat * ((tiles - boundary) if mma_pass % 2 == 0 else boundary))
+        if k.label != "tau":
+            visits.append((tiles - boundary) if mma_pass % 2 == 0 else boundary)
+        elif mma_pass < 2:  # the max pass: from the diagonal down
+            visits.append(boundary if mma_pass == 0 else tiles - boundary)
+        else:
+            marked = tiles if solver_tiles is None else solver_tiles
+            visits.append(solver_passes * ((marked - boundary) if mma_pass % 2 == 0 else boundary))
         mma_pass += 1
     return visits
 
 
-def interior_slots_per_64x64(k: KernelCost, solver_passes: int = 1) -> float:
-    """Issue slots of one interior tile (a long sequence's typical tile), scaled to 64×64."""
-    visits = loop_visits(k, tiles=1, boundary=0, programs=0, solver_passes=solver_passes)
+def interior_slots_per_64x64(k: KernelCost, solver_passes: int = 1, solver_fraction: float = 1.0) -> float:
+    """Issue slots of one interior tile (a long sequence's typical tile), scaled to 64×64; for the
+    τ kernel per visible tile, its solver passes visiting ``solver_fraction`` of the tiles."""
+    visits = loop_visits(k, tiles=1, boundary=0, programs=0, solver_passes=solver_passes,
+                         solver_tiles=solver_fraction)
     return k.slots_per_64x64(visits)
 
 
@@ -152,7 +168,7 @@ def kernel_time(gpu: Gpu, k: KernelCost, visits, bytes_moved: float):
 
 
 def estimate(gpu: Gpu, prof: dict, *, L: int, d: int, bh: int, causal: bool, sparsity: float, solver_passes: int,
-             itemsize: int = 2):
+             marked_over_active: float = 1.0, itemsize: int = 2):
     """Estimated seconds: dict with tau, forward, backward (dkdv + dq), fa2_fwd, fa2_bwd."""
     tau = prof["tau"]
     visible = tile_counts(L, tau.block_q, tau.block_k, causal) * bh
@@ -160,12 +176,14 @@ def estimate(gpu: Gpu, prof: dict, *, L: int, d: int, bh: int, causal: bool, spa
     nk = math.ceil(L / tau.block_k) * bh
     boundary = nq if causal else 0  # the diagonal tiles (block_q = block_k); always active
     active = max(boundary, round(visible * (1.0 - sparsity)))
+    marked = min(visible, active * marked_over_active)
     x = bh * L * d * itemsize  # one [L, d] operand of every head
 
-    def visits(name, tiles, programs, passes=1):
-        return loop_visits(prof[name], tiles=tiles, boundary=boundary, programs=programs, solver_passes=passes)
+    def visits(name, tiles, programs):
+        return loop_visits(prof[name], tiles=tiles, boundary=boundary, programs=programs, solver_passes=solver_passes,
+                           solver_tiles=marked)
 
-    t_tau, _ = kernel_time(gpu, tau, visits("tau", visible, nq, solver_passes), 2 * x)
+    t_tau, _ = kernel_time(gpu, tau, visits("tau", visible, nq), 2 * x)
     t_fwd, _ = kernel_time(gpu, prof["forward+res"], visits("forward+res", active, nq),
                            3 * x + x + 2 * x)  # q, k, v in; O (bf16) and Õ (fp32) out
     t_fwd_inf, _ = kernel_time(gpu, prof["forward"], visits("forward", active, nq), 4 * x)
@@ -174,8 +192,11 @@ def estimate(gpu: Gpu, prof: dict, *, L: int, d: int, bh: int, causal: bool, spa
     fa2_tile_flops = 2 * tau.block_q * tau.block_k * d
     fa2_fwd = 2 * fa2_tile_flops * visible / (gpu.fa2_efficiency * gpu.peak_flops)
     fa2_bwd = 5 * fa2_tile_flops * visible / (gpu.fa2_efficiency * gpu.peak_flops)
+    tau_slots = sum(n * lp[0] for n, lp in zip(visits("tau", visible, nq), tau.loops)) * tau.num_warps
+    tau_slots_per_visible = tau_slots * 64 * 64 / (tau.block_q * tau.block_k) / visible
     return dict(tau=t_tau, forward=t_tau + t_fwd_inf, fwd_train=t_tau + t_fwd, backward=t_dkdv + t_dq,
-                fa2_fwd=fa2_fwd, fa2_bwd=fa2_bwd, visible=visible, active=active)
+                fa2_fwd=fa2_fwd, fa2_bwd=fa2_bwd, visible=visible, active=active,
+                tau_slots_per_visible=tau_slots_per_visible)
 
 
 def adasplash2_estimate(gpu: Gpu, *, L: int, bh: int, causal: bool, sparsity: float):
@@ -235,6 +256,9 @@ def main(argv=None) -> int:
     ap.add_argument("--solver-passes", type=int, default=None,
                     help="τ solver passes per visible tile after the max + histogram pass (default: "
                          "benchmarks/tau_passes.py's measurement, 3 for α = 1.5, 4 for α = 2 and others)")
+    ap.add_argument("--marked-over-active", type=float, default=MARKED_OVER_ACTIVE,
+                    help="tiles each τ solver pass visits per active tile (default: benchmarks/tau_passes.py "
+                         "--local's measurement)")
     ap.add_argument("--batch-heads", type=int, default=16, help="batch × heads (times scale with it)")
     ap.add_argument("--full", action="store_true", help="non-causal instead of causal")
     ap.add_argument("--input-scales", type=float, nargs="+", default=[1.0, 4.0], help="GPU timing only")
@@ -268,31 +292,39 @@ def main(argv=None) -> int:
           "issue slots per 64×64 tile")
     for d, prof in profs.items():
         for label, k in prof.items():
-            slots = interior_slots_per_64x64(k, n_iter if label == "tau" else 1)
+            slots = interior_slots_per_64x64(k, n_iter if label == "tau" else 1)  # τ: at 0% sparsity
             loops = " ".join(f"{i}/{f}" for i, f in k.loops)
             ref = ADASPLASH2_SLOTS.get(label.replace("+res", "")) if d == 64 else None
             cmp = f"  AdaSplash-2 {ref:,} ({slots / ref:.2f}×)" if ref else ""
             print(f"  d={d:<3} {label:<11} {k.num_warps} warps, tile {k.block_q}×{k.block_k}: loops {loops};"
                   f" {slots:,.0f} slots per interior tile{cmp}")
-    print(f"  τ passes per visible tile: max + histogram, then {n_iter} solver passes (each with the block mask); "
+    print(f"  τ passes: max + histogram over every visible tile, then {n_iter} solver passes (each with the block "
+          f"mask) over the marked tiles, {args.marked_over_active:.2f} × the active ones (all of them at 0% sparsity: "
+          f"the slots above); "
           f"AdaSplash-2 τ passes: {ADASPLASH2_SLOTS['tau passes']} (source: shared/notes/adasplash.md §8)")
     print()
 
-    head = (f"{'L':>6} {'d':>4} {'sparsity':>8} | {'ours fwd':>9} {'ours f+b':>9} {'τ share':>7} | {'FA2 fwd':>8} "
-            f"{'FA2 f+b':>8} | {'fwd/FA2':>7} {'f+b/FA2':>7} | {'AS2-model f+b/FA2':>17}")
+    head = (f"{'L':>6} {'d':>4} {'sparsity':>8} | {'ours fwd':>9} {'ours f+b':>9} {'τ share':>7} "
+            f"{'τ slots/visible':>15} | {'FA2 fwd':>8} {'FA2 f+b':>8} | {'fwd/FA2':>7} {'f+b/FA2':>7} | "
+            f"{'AS2-model f+b/FA2':>17}")
     print("Estimated times (ms)")
     print(head)
     print("-" * len(head))
     for L in args.lengths:
         for d in args.head_dims:
             for s in args.sparsities:
-                e = estimate(gpu, profs[d], L=L, d=d, bh=args.batch_heads, causal=causal, sparsity=s, solver_passes=n_iter)
+                e = estimate(gpu, profs[d], L=L, d=d, bh=args.batch_heads, causal=causal, sparsity=s, solver_passes=n_iter,
+                             marked_over_active=args.marked_over_active)
                 fb = e["fwd_train"] + e["backward"]
                 fa2 = e["fa2_fwd"] + e["fa2_bwd"]
                 as2 = ""
                 if d == 64 and args.target == "sm_90":
                     as2 = f"{adasplash2_estimate(gpu, L=L, bh=args.batch_heads, causal=causal, sparsity=s) / fa2:.2f}"
-                print(f"{L:>6} {d:>4} {s:>8.0%} | {e['forward'] * 1e3:>9.3f} {fb * 1e3:>9.3f} {e['tau'] / fb:>7.0%} | "
+                tau_vs = f"{e['tau_slots_per_visible']:,.0f}"
+                if d == 64:
+                    tau_vs += f" ({e['tau_slots_per_visible'] / ADASPLASH2_SLOTS['tau']:.2f}×)"
+                print(f"{L:>6} {d:>4} {s:>8.0%} | {e['forward'] * 1e3:>9.3f} {fb * 1e3:>9.3f} {e['tau'] / fb:>7.0%} "
+                      f"{tau_vs:>15} | "
                       f"{e['fa2_fwd'] * 1e3:>8.3f} {fa2 * 1e3:>8.3f} | {e['forward'] / e['fa2_fwd']:>7.2f} "
                       f"{fb / fa2:>7.2f} | {as2:>17}")
     print()
@@ -313,7 +345,8 @@ def main(argv=None) -> int:
         for d in args.head_dims:
             for x_scale in args.input_scales:
                 s, (f, fbm, cf, cfb) = measure(L, d, args.batch_heads, causal, args.alpha, x_scale)
-                e = estimate(gpu, profs[d], L=L, d=d, bh=args.batch_heads, causal=causal, sparsity=s, solver_passes=n_iter)
+                e = estimate(gpu, profs[d], L=L, d=d, bh=args.batch_heads, causal=causal, sparsity=s, solver_passes=n_iter,
+                             marked_over_active=args.marked_over_active)
                 print(f"{L:>6} {d:>4} {x_scale:>7} {s:>8.0%} | {f:>9.3f} {e['forward'] * 1e3:>7.3f} {fbm:>9.3f} "
                       f"{(e['fwd_train'] + e['backward']) * 1e3:>7.3f} | {cf:>9.3f} {cfb:>9.3f} "
                       f"{(e['fa2_fwd'] + e['fa2_bwd']) * 1e3:>11.3f}")

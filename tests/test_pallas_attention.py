@@ -170,6 +170,12 @@ def test_skipping_is_real_at_high_sparsity():
     nq = L // block
     # The construction makes the block mask exactly diagonal: 6 of 36 tiles per head.
     np.testing.assert_array_equal(mask, np.broadcast_to(np.eye(nq, dtype=mask.dtype), mask.shape))
+    # The τ kernel's max pass visits every reachable tile (non-causal: all 6); each solver pass
+    # visits the tiles marked before it (by the max pass, then by the pass before), here the
+    # diagonal one.
+    passes = np.asarray(visits["tau_passes"])
+    np.testing.assert_array_equal(visits["tau"], nq)
+    np.testing.assert_array_equal(visits["tau_solver"], passes * mask.sum(-1))
     # Every kernel visited exactly the active tiles, no more.
     np.testing.assert_array_equal(visits["forward"], mask.sum(-1))
     np.testing.assert_array_equal(visits["dq"], mask.sum(-1))

@@ -91,7 +91,9 @@ def update(hist: RowHistogram, d, tile_max, new_max, x_mult) -> RowHistogram:
         # The grid of a row's first valid tile: anchored at its max, BINS − 1 bins over its spread
         # (capped at 1: entries further than 1 below the max never reach the support).
         tile_min = jnp.min(jnp.where(d > 0.5 * MASKED, d, -MASKED), axis=1)
-        spread = jnp.minimum((tile_max - tile_min) * x_mult, 1.0)
+        spread = jnp.where(valid_row, tile_max - tile_min, 0.0)
+        # The widest spread of the block's rows: a row of the causal diagonal sees few keys there.
+        spread = jnp.minimum(jnp.max(spread) * x_mult, 1.0)
         width = jnp.maximum(spread, 2.0**-16) * (1.0 / (BINS - 1))
         return (jnp.where(starts, tile_max, hist.anchor), jnp.where(starts, width, hist.width),
                 jnp.where(starts, x_mult / width, hist.scale))

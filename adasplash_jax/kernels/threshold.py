@@ -4,7 +4,9 @@ Per query row: one pass over the reachable key blocks for the row max, sum and a
 a histogram of the scores below the max (kernels.histogram), which narrows τ's bracket to about a
 bin; then Halley–bisection passes (recomputing Q·Kᵀ tiles, never writing scores), each of which
 also marks the block mask (a tile is active if it may hold a non-zero probability at the final
-τ), so the last solver pass leaves the mask and no extra pass is made. The normaliser Σp and the
+τ), so the last solver pass leaves the mask and no extra pass is made. Only the first solver
+pass visits every reachable tile: each later one visits the tiles its predecessor marked, so at
+high sparsity the passes after the first cost about what the forward does. The normaliser Σp and the
 non-zero count are left to the forward kernel, which visits every active tile at the final τ anyway.
 """
 
@@ -21,9 +23,12 @@ from adasplash_jax.kernels import histogram
 from adasplash_jax.kernels.config import MASKED, KernelConfig
 from adasplash_jax.kernels.mask_info import visible_key_blocks
 from adasplash_jax.kernels.specs import block_specs, call, tile_input_specs, visible_block_specs
-from adasplash_jax.kernels.tiles import (RowContext, TileInputs, alpha_of, list_slots_below, powers, split_loop,
-                                         tile_x, x_multiplier)
+from adasplash_jax.kernels.tiles import (RowContext, TileInputs, alpha_of, diagonal_key_block, list_slots_below,
+                                         powers, split_loop, tile_x, wrapped_down, x_multiplier)
 from adasplash_jax.solver import TOL, no_progress, solver_step, threshold_bracket
+
+# Relative slack (x units) of the max pass's tile marks: far above float32 rounding of x.
+_MARK_MARGIN = 2.0**-12
 
 
 def _threshold_kernel(
@@ -45,14 +50,22 @@ def _threshold_kernel(
         visible_slots = (list_slots_below(blocks, count_ref[...], first_block),
                          list_slots_below(blocks, count_ref[...], num_blocks))
 
-    def key_blocks(body, carry):
+    diagonal = diagonal_key_block(cfg, row.q_start)
+
+    def key_blocks_from_diagonal(body, carry):
         """body(j, masked, carry) over the reachable key blocks, interior ones without masks
-        (a local window starts later and has no interior tiles)."""
+        (a local window starts later and has no interior tiles), from the query block's
+        diagonal down (then wrapping around to the top): the blocks nearest a query usually
+        hold its max, so it is found early."""
         if visible is not None:
-            return lax.fori_loop(*visible_slots, lambda t, c: body(list_ref[t], True, c), carry)
+            lo_slot, hi_slot = visible_slots
+            first = list_slots_below(blocks, count_ref[...], diagonal + 1) - 1
+            return lax.fori_loop(0, hi_slot - lo_slot,
+                                 lambda t, c: body(list_ref[wrapped_down(first, lo_slot, hi_slot, t)], True, c), carry)
         if cfg.window is not None:
-            return lax.fori_loop(first_block, num_blocks, lambda j, c: body(j, True, c), carry)
-        return split_loop(num_blocks, 0, interior, body, carry)
+            return lax.fori_loop(0, num_blocks - first_block,
+                                 lambda t, c: body(wrapped_down(diagonal, first_block, num_blocks, t), True, c), carry)
+        return split_loop(num_blocks, 0, interior, body, carry, down_from=diagonal)
 
     # Pass 1: row max m of the raw scores, Σ(d − m) for the Jensen bound (kept relative to the
     # running max, so it stays exact at any score magnitude) and the histogram below the max;
@@ -60,11 +73,17 @@ def _threshold_kernel(
     # it irregular).
     limit = None if cfg.irregular else row.allowed_keys().astype(jnp.float32)
 
+    block_ids = jnp.arange(cfg.kv_blocks_padded, dtype=jnp.int32)
+
     def max_pass(j, masked, carry):
-        row_max, row_sum, allowed, hist = carry
+        row_max, row_sum, allowed, hist, tile_top = carry
         d, keep, _ = row.scores(q, k_ref, j, masked)
         tile_max = jnp.max(d, axis=1)
         new_max = jnp.maximum(row_max, tile_max)
+        # The tile's highest score relative to its row's running max (an upper bound of its
+        # entries' final d − m, the max only growing), over the rows that have one.
+        top = jnp.max(jnp.where(tile_max > 0.5 * MASKED, tile_max - new_max, MASKED))
+        tile_top = jnp.where(block_ids == j, top, tile_top)
         if cfg.histogram_start:
             hist = histogram.update(hist, d, tile_max, new_max, x_mult)
         shifted = d - new_max[:, None]
@@ -73,15 +92,16 @@ def _threshold_kernel(
         row_sum = row_sum + allowed * (row_max - new_max) + jnp.sum(shifted, 1)
         if not masked:
             allowed = allowed + cfg.block_k
-        elif limit is not None:
-            allowed = jnp.minimum(limit, ((j + 1) * cfg.block_k).astype(jnp.float32))
+        elif limit is not None:  # the keys of a prefix [0, limit) in this tile
+            allowed = allowed + jnp.clip(limit - (j * cfg.block_k).astype(jnp.float32), 0.0, float(cfg.block_k))
         else:
             allowed = allowed + jnp.sum(keep.astype(jnp.float32), axis=1)
-        return new_max, row_sum, allowed, hist
+        return new_max, row_sum, allowed, hist, tile_top
 
     zero = jnp.zeros((cfg.block_q,), jnp.float32)
-    init = (jnp.full((cfg.block_q,), MASKED, jnp.float32), zero, zero, histogram.RowHistogram.empty(cfg.block_q))
-    row_max, row_sum, allowed, hist = key_blocks(max_pass, init)
+    init = (jnp.full((cfg.block_q,), MASKED, jnp.float32), zero, zero, histogram.RowHistogram.empty(cfg.block_q),
+            jnp.full((cfg.kv_blocks_padded,), MASKED, jnp.float32))
+    row_max, row_sum, allowed, hist, tile_top = key_blocks_from_diagonal(max_pass, init)
     # τ is solved on x = (α−1)·scale·(d − m), whose max is 0, as on the dense path: (α−1)·s
     # itself loses every digit of z = x − τ once scores reach ~1e7. Rows with nothing to
     # attend to keep τ = 0, far above their masked x.
@@ -98,18 +118,44 @@ def _threshold_kernel(
                                    x_mult, lo, hi)
     lo, hi = jnp.where(has_any, lo, 0.0), jnp.where(has_any, hi, 0.0)
     tau = 0.5 * (lo + hi)
+    # The first solver pass visits the tiles whose top entry may lie above some row's lo (the
+    # others hold no entry above their row's τ at any later pass). The margin covers the
+    # rounding of x = (d − m)·(α−1)·scale, which the solver passes recompute per entry.
+    lowest = jnp.min(jnp.where(has_any, lo, jnp.inf))
+    first_marks = (tile_top * x_mult > lowest - _MARK_MARGIN * (1.0 + jnp.abs(lowest))).astype(jnp.int32)
 
     def pass_sums(tau, lo, j, masked, acc):
         d, _, _ = row.scores(q, k_ref, j, masked)
-        x = tile_x(cfg, alpha, d, row_max)
-        z = jnp.maximum(x - tau[:, None], 0.0)
+        z = jnp.maximum(tile_x(cfg, alpha, d, row_max) - tau[:, None], 0.0)
         t0, t1, t2 = powers(cfg, alpha, z)
         # The tile is active if any entry lies above lo, the bracket's lower end before this pass:
         # f(lo) ≥ 0 and the final τ never leaves the bracket, whose lower end only grows, so
-        # final τ ≥ lo and this mask covers the support at the final τ.
-        above = jnp.max(jnp.max(x, axis=1) - lo) > 0
-        bits = jnp.where(jnp.arange(cfg.kv_blocks_padded) == j, above.astype(jnp.int32), acc[3])
-        return acc[0] + jnp.sum(t0, 1), acc[1] + jnp.sum(t1, 1), acc[2] + jnp.sum(t2, 1), bits
+        # final τ ≥ lo and this mask covers the support at the final τ. (The row's top x, from
+        # its top raw score: x is monotone in d.)
+        above = jnp.max(tile_x(cfg, alpha, jnp.max(d, axis=1)[:, None], row_max)[:, 0] - lo) > 0
+        bits = jnp.where(block_ids == j, above.astype(jnp.int32), acc[3])
+        visited = acc[4] + 1 if cfg.debug else acc[4]  # counted for kernels.debug only
+        return acc[0] + jnp.sum(t0, 1), acc[1] + jnp.sum(t1, 1), acc[2] + jnp.sum(t2, 1), bits, visited
+
+    def marked_blocks(marks):
+        """Like key_blocks_from_diagonal (in ascending order), over the key blocks marked in ``marks`` only: a pass after the first
+        visits the tiles its predecessor marked active at its lo. The others hold no entry above
+        that lo ≤ this pass's lo ≤ τ, so they add nothing to any power sum here or later and
+        stay unmarked. The t-th marked block is read off the marks' running count (no branch in
+        the loop, which keeps its software pipelining and registers as in a full pass)."""
+        rank = jnp.cumsum(marks) - 1
+        count = jnp.sum(marks)
+
+        def block_at(t):
+            return jnp.sum(jnp.where((marks > 0) & (rank == t), block_ids, 0))
+
+        def blocks(body, carry):
+            if visible is not None or cfg.window is not None:
+                return lax.fori_loop(0, count, lambda t, c: body(block_at(t), True, c), carry)
+            marked_interior = jnp.sum(jnp.where(block_ids < interior, marks, 0))
+            return split_loop(count, 0, marked_interior, lambda t, masked, c: body(block_at(t), masked, c), carry)
+
+        return blocks
 
     # α = 1.5 and 2: the support sizes at the last points above / below the root (unknown yet).
     # Once equal, no entry lies between them and solver_step solves the piece exactly, as the
@@ -119,11 +165,13 @@ def _threshold_kernel(
     no_bits = jnp.zeros((cfg.kv_blocks_padded,), jnp.int32)
 
     def solver_pass(state):
-        """One pass over the key blocks: the power sums at τ, the block mask at the bracket's lower
-        end, one safeguarded step. Every pass marks the mask, so the last one leaves it."""
-        i, (tau, lo, hi, support, _), _ = state
+        """One pass over the key blocks the previous pass marked (the first: those the max pass
+        marked): the power sums at τ, the block mask at the bracket's lower end, one safeguarded
+        step. Every pass marks the mask, so the last one leaves it."""
+        i, (tau, lo, hi, support, marks, visited), _ = state
         zero = jnp.zeros((cfg.block_q,), jnp.float32)
-        *sums, bits = key_blocks(functools.partial(pass_sums, tau, lo), (zero, zero, zero, no_bits))
+        *sums, bits, visited = marked_blocks(marks)(functools.partial(pass_sums, tau, lo),
+                                                    (zero, zero, zero, no_bits, visited))
         new_tau, new_lo, hi, f, newton, predicted, support = solver_step(cfg.alpha_static, alpha, tau, lo, hi,
                                                                          *sums, support=support)
         if cfg.alpha_static == 2.0:
@@ -137,7 +185,7 @@ def _threshold_kernel(
         # A row is done as in the dense solver: converged, no progress left at float32
         # resolution, or a Halley step from a small residual (already at float32 precision).
         done = ~has_any | (jnp.abs(f) < TOL) | no_progress(tau, new_tau, newton) | predicted
-        return i + 1, (new_tau, new_lo, hi, support, bits), jnp.min(done.astype(jnp.int32))
+        return i + 1, (new_tau, new_lo, hi, support, bits, visited), jnp.min(done.astype(jnp.int32))
 
     # n_iter passes when fixed; when adaptive, until every row of the block is done, at most n_iter.
     def more(state):
@@ -146,21 +194,22 @@ def _threshold_kernel(
             return (i == 0) | ((i < cfg.n_iter) & (all_done == 0))
         return i < cfg.n_iter
 
-    passes, (tau, _, _, _, bits), _ = lax.while_loop(more, solver_pass,
-                                                     (jnp.int32(0), (tau, lo, hi, support, no_bits), jnp.int32(0)))
+    init = (jnp.int32(0), (tau, lo, hi, support, first_marks, jnp.int32(0)), jnp.int32(0))
+    passes, (tau, _, _, _, bits, visited), _ = lax.while_loop(more, solver_pass, init)
     tau_ref[...] = tau
     # A bad row gets a NaN shift: the forward kernel turns it into a NaN normaliser (NaN row).
     row_max_ref[...] = jnp.where(bad, jnp.nan, row_max)
     allowed_ref[...] = allowed
     block_mask_ref[...] = bits
-    if cfg.debug:  # key blocks visited per pass, and the solver passes made (after the max pass)
+    if cfg.debug:  # key blocks the max pass visits, the solver passes made after it and their tile visits
         debug_refs[0][...] = visible_slots[1] - visible_slots[0] if visible is not None else num_blocks - first_block
         debug_refs[1][...] = passes
+        debug_refs[2][...] = visited
 
 
 def thresholds(cfg: KernelConfig, alpha, q_len, kv_len, q, k, tile_inputs: TileInputs):
-    """τ, the row max and allowed count per row, and the block mask (plus, with cfg.debug, the key
-    blocks visited per pass and the solver passes made, per query block)."""
+    """τ, the row max and allowed count per row, and the block mask (plus, with cfg.debug, per query
+    block: the key blocks the max pass visits, the solver passes made and the tiles they visited)."""
     B, N = q.shape[0], cfg.num_heads
     sp = block_specs(cfg, "q")
     f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
@@ -173,8 +222,8 @@ def thresholds(cfg: KernelConfig, alpha, q_len, kv_len, q, k, tile_inputs: TileI
     out_specs = [sp["row"]] * 3 + [sp["block_list"](cfg.kv_blocks_padded)]
     out_shape = [row_shape] * 3 + [jax.ShapeDtypeStruct((B, N, cfg.num_q_blocks, cfg.kv_blocks_padded), jnp.int32)]
     if cfg.debug:
-        out_specs += [sp["block_scalar"]] * 2
-        out_shape += [jax.ShapeDtypeStruct((B, N, cfg.num_q_blocks), jnp.int32)] * 2
+        out_specs += [sp["block_scalar"]] * 3
+        out_shape += [jax.ShapeDtypeStruct((B, N, cfg.num_q_blocks), jnp.int32)] * 3
     outs = call(
         functools.partial(_threshold_kernel, cfg=cfg),
         cfg,

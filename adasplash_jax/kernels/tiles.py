@@ -199,14 +199,35 @@ def interior_query_blocks(cfg: KernelConfig, kv_block, q_len, kv_len):
     return lo, jnp.maximum(lo, hi)
 
 
-def split_loop(count, start, end, body, carry):
+def split_loop(count, start, end, body, carry, *, down_from=None):
     """``body(t, masked, carry)`` for t in [0, count): slots [start, end) unmasked, the rest masked.
 
     Slots index an ascending block list (or the blocks themselves), so the interior blocks
-    are one contiguous run of slots: one loop over it without masks, one over the rest."""
-    carry = lax.fori_loop(start, end, lambda t, c: body(t, False, c), carry)
+    are one contiguous run of slots: one loop over it without masks, one over the rest.
+    ``down_from``: the masked slots first, in descending order, then the interior ones in
+    descending order from slot ``down_from`` (clamped into the run), wrapping around to its top
+    (for a query block: from its diagonal away, where its max usually is)."""
     gap = end - start
+    if down_from is not None:
+        masked = count - gap
+        carry = lax.fori_loop(0, masked, lambda t, c: body(jnp.where(masked - 1 - t < start, masked - 1 - t,
+                                                                     masked - 1 - t + gap), True, c), carry)
+        return lax.fori_loop(0, gap, lambda t, c: body(wrapped_down(down_from, start, end, t), False, c), carry)
+    carry = lax.fori_loop(start, end, lambda t, c: body(t, False, c), carry)
     return lax.fori_loop(0, count - gap, lambda t, c: body(jnp.where(t < start, t, t + gap), True, c), carry)
+
+
+def wrapped_down(first, start, end, t):
+    """The t-th slot of [start, end) counted down from ``first`` (clamped into it), wrapping
+    around from ``start`` to ``end − 1``."""
+    first = jnp.clip(first, start, end - 1)
+    slot = first - t
+    return jnp.where(slot < start, slot + (end - start), slot)
+
+
+def diagonal_key_block(cfg: KernelConfig, q_start):
+    """The key block holding the last query position of the block starting at ``q_start``."""
+    return (q_start + cfg.block_q - 1) // cfg.block_k
 
 
 def list_slots_below(blocks, count, bound):
