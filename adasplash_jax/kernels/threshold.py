@@ -24,7 +24,7 @@ from adasplash_jax.kernels.config import MASKED, KernelConfig
 from adasplash_jax.kernels.mask_info import visible_key_blocks
 from adasplash_jax.kernels.specs import block_specs, call, tile_input_specs, visible_block_specs
 from adasplash_jax.kernels.tiles import (RowContext, TileInputs, alpha_of, diagonal_key_block, list_slots_below,
-                                         powers, split_loop, tile_x, wrapped_down, x_multiplier)
+                                         powers, split_loop, tile_x, tile_z, wrapped_down, x_multiplier)
 from adasplash_jax.solver import TOL, no_progress, solver_step, threshold_bracket
 
 # Relative slack (x units) of the max pass's tile marks: far above float32 rounding of x.
@@ -126,7 +126,7 @@ def _threshold_kernel(
 
     def pass_sums(tau, lo, j, masked, acc):
         d, _, _ = row.scores(q, k_ref, j, masked)
-        z = jnp.maximum(tile_x(cfg, alpha, d, row_max) - tau[:, None], 0.0)
+        z = tile_z(cfg, alpha, d, tau, row_max)
         t0, t1, t2 = powers(cfg, alpha, z)
         # The tile is active if any entry lies above lo, the bracket's lower end before this pass:
         # f(lo) ≥ 0 and the final τ never leaves the bracket, whose lower end only grows, so

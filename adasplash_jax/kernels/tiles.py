@@ -284,10 +284,25 @@ def tile_x(cfg: KernelConfig, alpha, d, row_max):
     return (d - row_max[:, None]) * x_multiplier(cfg, alpha)
 
 
+def tile_z(cfg: KernelConfig, alpha, d, tau, row_max):
+    """z = [x − τ]_+ of a raw score tile: (d − m)·(α−1)·scale − τ as one fma per entry on the GPU
+    (the lowering emits no fused multiply-add itself); a multiply and a subtraction in interpret
+    mode. τ is relative to the shifted row, whose max is 0."""
+    shifted = d - row_max[:, None]
+    x_mult = x_multiplier(cfg, alpha)
+    if cfg.interpret:
+        return jnp.maximum(shifted * x_mult - tau[:, None], 0.0)
+    [x_minus_tau] = plgpu.elementwise_inline_asm(
+        "fma.rn.f32 $0, $1, $2, $3;", args=[shifted, jnp.broadcast_to(x_mult, d.shape).astype(d.dtype),
+                                              jnp.broadcast_to(-tau[:, None], d.shape)],
+        constraints="=f,f,f,f", pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(d.shape, d.dtype)],
+    )
+    return jnp.maximum(x_minus_tau, 0.0)
+
+
 def tile_powers(cfg: KernelConfig, alpha, d, tau, row_max):
-    """(z, z^c0, z^c1) with z = [x − τ]_+ of a raw score tile (masked entries give z = 0).
-    τ is relative to the shifted row, whose max is 0."""
-    z = jnp.maximum(tile_x(cfg, alpha, d, row_max) - tau[:, None], 0.0)
+    """(z, z^c0, z^c1) with z = [x − τ]_+ of a raw score tile (masked entries give z = 0)."""
+    z = tile_z(cfg, alpha, d, tau, row_max)
     p0, p1, _ = powers(cfg, alpha, z, need_c2=False)
     return z, p0, p1
 
