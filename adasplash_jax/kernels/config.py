@@ -72,12 +72,17 @@ class BlockSizes:
         τ kernel: 4 warps for d ≤ 64 — a 64-row tile at 4 warps is one sm_90 warpgroup, so each row's
         reductions stay inside a warp, with no shared-memory exchange between warpgroups: ~30% fewer
         issue slots per tile than 8 warps (d = 64, α = 1.5: max + histogram pass 4,312 → 2,944,
-        solver pass 2,664 → 1,824) — with two stages at d = 64 (168–237 registers, none spill; one
-        stage spills 16 B on sm_80), except sparsemax (α = 2) at d = 64, kept at 8 warps and one stage,
-        where 4 warps spill 4–8 B on sm_80 (ptxas stops at 168 registers under the PTX's `.reqntid
-        128`: the same PTX with `.maxnreg 255` takes 215 and spills nothing, but no knob reaches it);
+        solver pass 2,664 → 1,824) — with two stages at d = 64 (128–237 registers, none spill; one
+        stage spills 16 B on sm_80), sparsemax (α = 2) included since its solver passes visit only
+        marked tiles (2026-12-02; sm_90 α = 2: max pass 4,664 → 3,128 slots, solver 2,184 → 1,548;
+        before, 4 warps spilled 4–8 B there on sm_80: ptxas stops at 168 registers under the
+        PTX's `.reqntid 128`, a heuristic no knob reaches);
         8 warps at d = 128, 4 on sm_90 and later (168–247 registers, none spill; on sm_80 4 warps spill
         8–16 B for α = 1.8 and per-head α), 2 at d = 256 (4: 16 B on sm_80, 8: 20–36 B).
+
+        Forward kernel: 4 warps and two stages up to d = 64, except a static non-polynomial α at
+        d = 64 below sm_90 (or an unknown GPU): one stage, as two spill 4 B in the causal α = 1.8
+        forward on sm_80 (168 registers).
 
         Backward kernels: one stage from d = 64 (two stages: dK/dV at 255 registers spills 16–24 B on
         sm_80; one stage: 224–253, none) and 8 warps, 4 at d = 32 (8 warps: the dQ spills 8 B) and, on
@@ -90,8 +95,8 @@ class BlockSizes:
         if head_dim <= 32:
             return cls(64, 64, 4, 2, backward_num_warps=4, backward_num_stages=1)
         if head_dim <= 64:
-            tau = (8, 1) if alpha == 2.0 else (4, 2)
-            return cls(64, 64, 4, 2, tau_num_warps=tau[0], tau_num_stages=tau[1],
+            general_alpha = alpha is not None and alpha not in (1.5, 2.0)
+            return cls(64, 64, 4, 1 if general_alpha and not hopper else 2, tau_num_warps=4, tau_num_stages=2,
                        backward_num_warps=4 if hopper else 8, backward_num_stages=1)
         if head_dim <= 128:
             return cls(64, 64, 8, 2, tau_num_warps=4 if hopper else 8, tau_num_stages=2, backward_num_warps=8,
