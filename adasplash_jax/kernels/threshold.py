@@ -4,10 +4,11 @@ Per query row: one pass over the reachable key blocks for the row max, sum and a
 a histogram of the scores below the max (kernels.histogram), which narrows τ's bracket to about a
 bin; then Halley–bisection passes (recomputing Q·Kᵀ tiles, never writing scores), each of which
 also marks the block mask (a tile is active if it may hold a non-zero probability at the final
-τ), so the last solver pass leaves the mask and no extra pass is made. Only the first solver
-pass visits every reachable tile: each later one visits the tiles its predecessor marked, so at
-high sparsity the passes after the first cost about what the forward does. The normaliser Σp and the
-non-zero count are left to the forward kernel, which visits every active tile at the final τ anyway.
+τ), so the last solver pass leaves the mask and no extra pass is made. Only the max pass visits
+every reachable tile: it also marks the tiles whose top score may reach the support, which the
+first solver pass visits, and each later one visits the tiles its predecessor marked, so at high
+sparsity a solver pass costs about what the forward does. The normaliser Σp and the non-zero
+count are left to the forward kernel, which visits every active tile at the final τ anyway.
 """
 
 from __future__ import annotations
@@ -138,11 +139,11 @@ def _threshold_kernel(
         return acc[0] + jnp.sum(t0, 1), acc[1] + jnp.sum(t1, 1), acc[2] + jnp.sum(t2, 1), bits, visited
 
     def marked_blocks(marks):
-        """Like key_blocks_from_diagonal (in ascending order), over the key blocks marked in ``marks`` only: a pass after the first
-        visits the tiles its predecessor marked active at its lo. The others hold no entry above
-        that lo ≤ this pass's lo ≤ τ, so they add nothing to any power sum here or later and
-        stay unmarked. The t-th marked block is read off the marks' running count (no branch in
-        the loop, which keeps its software pipelining and registers as in a full pass)."""
+        """Like key_blocks_from_diagonal, in ascending order, over the key blocks marked in
+        ``marks`` only (by the max pass, or active at the previous pass's lo). The others hold no
+        entry above a lo ≤ this pass's lo ≤ τ, so they add nothing to any power sum here or
+        later and stay unmarked. The t-th marked block is read off the marks' running count (no
+        branch in the loop, which keeps its software pipelining and registers as in a full pass)."""
         rank = jnp.cumsum(marks) - 1
         count = jnp.sum(marks)
 
