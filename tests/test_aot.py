@@ -46,56 +46,13 @@ def _need_tools():
     pytest.skip(_WHY.replace("\n  - ", "; "))
 
 
-# The bf16/fp16 kernels that spill registers today (2026-12-02: ptxas 13.5, jaxlib 0.10.2's Triton,
-# default BlockSizes for each target), measured on the default matrix (`python -m adasplash_jax.aot
-# --matrix --no-sass`): 24 of 580 (9 before the τ kernel's solver passes went over marked tiles
-# only: its d = 256 variants, held at 168 registers by ptxas at 2 warps and 32×32 tiles, now spill
-# 8–48 B, at 4 and 8 warps too; 21 before the learned-α dQ kept one row sum, 42 and 86 earlier).
-# No dK/dV or dQ spills, and none at d = 64; the other spills are two d = 32 training forwards at
-# α = 2 and the d = 128 mask + bias training forward on sm_80, three d = 256 forwards on sm_90. The
-# full matrix (ADASPLASH_AOT_FULL=1) was last re-measured on 2026-12-01 (its entries below are the
-# fp16 twins of that day's spills); CI runs the default matrix. Strict xfails: the kernel change
-# that stops one spilling must delete its line.
-SPILL_TODAY = {
-    # forward on sm_90: 3
-    "d256-bf16-full-a1.8-L4096:forward:sm_90",
-    "d256-bf16-full-ahead-L4096:forward:sm_90",
-    "d256-bf16-full-alearned-L4096:forward:sm_90",
-    # forward+res on sm_80: 3
-    "d128-bf16-causal-a1.5-L4096-mask+bias:forward+res:sm_80",
-    "d32-bf16-causal-a2-L4096:forward+res:sm_80",
-    "d32-bf16-full-a2-L4096:forward+res:sm_80",
-    # tau on sm_80: 9, all d = 256
-    "d256-bf16-causal-a1.5-L4096:tau:sm_80",
-    "d256-bf16-causal-a1.8-L4096:tau:sm_80",
-    "d256-bf16-causal-ahead-L4096:tau:sm_80",
-    "d256-bf16-causal-alearned-L4096:tau:sm_80",
-    "d256-bf16-full-a1.8-L4096:tau:sm_80",
-    "d256-bf16-full-ahead-L4096:tau:sm_80",
-    "d256-bf16-full-alearned-L4096:tau:sm_80",
-    "d256-fp16-causal-a1.5-L4096:tau:sm_80",
-    "d256-fp16-causal-alearned-L4096:tau:sm_80",
-    # tau on sm_90: 9, all d = 256
-    "d256-bf16-causal-a1.8-L4096:tau:sm_90",
-    "d256-bf16-causal-ahead-L4096:tau:sm_90",
-    "d256-bf16-causal-alearned-L4096:tau:sm_90",
-    "d256-bf16-full-a1.5-L4096:tau:sm_90",
-    "d256-bf16-full-a1.8-L4096:tau:sm_90",
-    "d256-bf16-full-a2-L4096:tau:sm_90",
-    "d256-bf16-full-ahead-L4096:tau:sm_90",
-    "d256-bf16-full-alearned-L4096:tau:sm_90",
-    "d256-fp16-causal-alearned-L4096:tau:sm_90",
-    # only in the full matrix (ADASPLASH_AOT_FULL=1), measured 2026-12-01: the fp16 twins of that day's spills
-    "d256-fp16-causal-a1.8-L4096:tau:sm_90",
-    "d256-fp16-full-a1.8-L4096:forward:sm_90",
-    "d256-fp16-full-ahead-L4096:forward:sm_90",
-    "d256-fp16-full-ahead-L4096:tau:sm_80",
-    "d256-fp16-full-alearned-L4096:forward:sm_90",
-    "d256-fp16-full-alearned-L4096:tau:sm_80",
-    "d32-fp16-causal-a2-L4096:forward+res:sm_80",
-    "d32-fp16-full-a2-L4096:forward+res:sm_80",
-}
-
+# The bf16/fp16 kernels that spill registers today (ptxas 13.5, jaxlib 0.10.2's Triton, default
+# BlockSizes for each target): none since 2026-12-02, measured on the default matrix (`python -m
+# adasplash_jax.aot --matrix --no-sass`: 0 of 590; 24 before the d = 256 kernels and sparsemax's
+# d = 32 forward read the query tile per key tile, the d = 256 τ kernel went to 4 warps and a dense
+# mask or bias kept the d = 128 forward at one stage below sm_90; 86 at the first count). Strict xfails: a kernel that spills today goes here with the
+# date and why, and the change that stops it spilling must delete its line.
+SPILL_TODAY: set[str] = set()
 
 
 @pytest.fixture(scope="module")

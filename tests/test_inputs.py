@@ -44,7 +44,7 @@ def test_scale_must_be_finite(scale):
                                          ("block_q", 24), ("n_iter", 0), ("num_warps", 2.0),
                                          ("tau_num_warps", 6), ("backward_num_warps", 0),
                                          ("backward_num_stages", 0), ("tau_num_stages", 0),
-                                         ("histogram_start", "yes")])
+                                         ("histogram_start", "yes"), ("reload_query", 1)])
 def test_block_sizes_refuse_bad_fields(field, value):
     with pytest.raises(ValueError, match=field):
         BlockSizes(**{field: value})
@@ -118,3 +118,20 @@ def test_default_block_sizes_follow_the_gpu(monkeypatch):
     assert BlockSizes.for_head_dim(64, 1.8).launch()["forward"] == (4, 1)
     assert BlockSizes.for_head_dim(64, 1.8, 90).launch()["forward"] == (4, 2)
     assert BlockSizes.for_head_dim(64, None).launch()["forward"] == (4, 2)
+    # Reloading the query tile at every key tile: sparsemax at d ≤ 32 and every α at d = 256 (whose
+    # τ kernel then runs at 4 warps); holding it there spills.
+    assert BlockSizes.for_head_dim(32, 2.0).reload_query and not BlockSizes.for_head_dim(32, 1.5).reload_query
+    assert not any(BlockSizes.for_head_dim(d, 2.0).reload_query for d in (64, 128))
+    d256 = BlockSizes.for_head_dim(256, None)
+    assert d256.reload_query and d256.launch()["tau"] == (4, 1)
+    # A dense mask or bias at d = 128 keeps the forward at one stage below sm_90 (two spill on sm_80).
+    assert BlockSizes.for_head_dim(128, 1.5, dense_inputs=True).launch()["forward"] == (8, 1)
+    assert BlockSizes.for_head_dim(128, 1.5, 90, dense_inputs=True).launch()["forward"] == (8, 2)
+    assert BlockSizes.for_head_dim(128, 1.5).launch()["forward"] == (8, 2)
+    q128 = jnp.ones((1, 8, 1, 128), jnp.bfloat16)
+    fake_gpu("8.0")
+    for bias, stages in ((None, 2), (jnp.zeros((1, 1, 8, 8)), 1)):
+        inp = check_attention_inputs(q128, q128, q128, alpha=1.5, mask=None, is_causal=True, scale=None,
+                                     query_seq_lengths=None, key_value_seq_lengths=None, segment_ids=None,
+                                     bias=bias)
+        assert dict(config.make_config(inp, None, interpret=True).launch)["forward"] == (8, stages)

@@ -75,6 +75,12 @@ CASES = {
     "sparsemax_causal": (1, 40, 40, 2, 2, 16, dict(alpha=2.0, is_causal=True)),
     "alpha_1_25": (1, 40, 40, 2, 2, 16, dict(alpha=1.25)),
     "head_dim_256": (1, 20, 20, 1, 1, 256, dict(is_causal=True)),
+    # The query tile read from memory at every key tile (the default at d = 256 and sparsemax d ≤ 32).
+    "reload_query_sparsemax_gqa_causal": (1, 40, 40, 2, 1, 32, dict(alpha=2.0, is_causal=True, block_sizes=BlockSizes(
+        block_q=16, block_k=16, reload_query=True))),
+    "reload_query_lengths": (2, 40, 48, 2, 2, 16, dict(key_value_seq_lengths=jnp.array([9, 48]),
+                                                         block_sizes=BlockSizes(block_q=16, block_k=16,
+                                                                                reload_query=True))),
     "head_dim_100": (1, 24, 24, 1, 1, 100, {}),
     "decode_one_query": (2, 1, 37, 2, 1, 16, dict(key_value_seq_lengths=jnp.array([37, 20]))),
     "key_padding_mask_left": (2, 30, 30, 2, 2, 16, dict(is_causal=True, mask=(jnp.arange(30) >= jnp.array(
@@ -247,7 +253,8 @@ def export_for_cuda(f, *structs):
 
 
 @pytest.mark.parametrize("L,H,causal,heads", [(1024, 64, True, (4, 4)), (4096, 64, False, (4, 2)),
-                                               (700, 128, True, (6, 2)), (700, 64, False, (2, 2))])
+                                               (700, 128, True, (6, 2)), (700, 64, False, (2, 2)),
+                                               (300, 256, True, (2, 2))])
 def test_kernels_lower_for_cuda(L, H, causal, heads):
     N, K = heads
     structs = [jax.ShapeDtypeStruct((2, L, n, H), jnp.bfloat16) for n in (N, K, K)]

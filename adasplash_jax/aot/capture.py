@@ -63,7 +63,8 @@ def block_sizes_for(variant, target):
     from adasplash_jax.kernels.config import BlockSizes
 
     alpha = None if isinstance(variant.alpha, str) else float(variant.alpha)
-    return BlockSizes.for_head_dim(variant.head_dim, alpha, None if target is None else target.compute_capability)
+    return BlockSizes.for_head_dim(variant.head_dim, alpha, None if target is None else target.compute_capability,
+                                   dense_inputs=bool({"mask", "bias"} & set(variant.features)))
 
 
 def _program(variant, program: str, block_sizes):

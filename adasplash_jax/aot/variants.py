@@ -58,6 +58,8 @@ class Variant:
             parts.append(f"tile{b.block_q}x{b.block_k}w{b.num_warps}s{b.num_stages}-tau{tw}w{ts}s-bwd{bw}w{bs}s")
             if not b.histogram_start:
                 parts.append("nohist")
+            if b.reload_query:
+                parts.append("reloadq")
         if self.features:
             parts.append("+".join(self.features))
         return "-".join(parts)

@@ -39,6 +39,11 @@ class BlockSizes:
     ``num_warps`` / ``num_stages`` launch the forward kernel; ``tau_num_warps`` / ``tau_num_stages`` the τ kernel and
     ``backward_num_warps`` / ``backward_num_stages`` the dK/dV and dQ kernels (None: as the
     forward).
+
+    ``reload_query``: the τ and forward kernels read the query tile from memory at every key tile
+    instead of holding it across the key loop. Same instructions per tile, but a different
+    register allocation: ptxas holds some kernels at 168 registers and spills when the query tile
+    stays live across the loop (see ``for_head_dim``).
     """
 
     block_q: int = 64
@@ -51,6 +56,7 @@ class BlockSizes:
     tau_num_stages: int | None = None
     backward_num_warps: int | None = None
     backward_num_stages: int | None = None
+    reload_query: bool = False
 
     def solver_passes(self) -> int:
         return MAX_SOLVER_PASSES if self.n_iter is None else self.n_iter
@@ -63,11 +69,12 @@ class BlockSizes:
 
     @classmethod
     def for_head_dim(cls, head_dim: int, alpha: float | None = None,
-                     compute_capability: int | None = None) -> "BlockSizes":
-        """The defaults for this head dim, α when it is static (an array α: None) and the GPU's compute
+                     compute_capability: int | None = None, *, dense_inputs: bool = False) -> "BlockSizes":
+        """The defaults for this head dim, α when it is static (an array α: None), the GPU's compute
         capability (90 for sm_90; None when unknown, as when lowering without a GPU: then the choices
-        that compile without spills on both sm_80 and sm_90), chosen from the kernels compiled for
-        sm_80 and sm_90 (python -m adasplash_jax.aot, 2026-12-01, bf16).
+        that compile without spills on both sm_80 and sm_90) and whether a dense [T, S] mask or bias
+        comes in, chosen from the kernels compiled for sm_80 and sm_90 (python -m adasplash_jax.aot,
+        2026-12-01/02, bf16).
 
         τ kernel: 4 warps for d ≤ 64 — a 64-row tile at 4 warps is one sm_90 warpgroup, so each row's
         reductions stay inside a warp, with no shared-memory exchange between warpgroups: ~30% fewer
@@ -78,11 +85,19 @@ class BlockSizes:
         before, 4 warps spilled 4–8 B there on sm_80: ptxas stops at 168 registers under the
         PTX's `.reqntid 128`, a heuristic no knob reaches);
         8 warps at d = 128, 4 on sm_90 and later (168–247 registers, none spill; on sm_80 4 warps spill
-        8–16 B for α = 1.8 and per-head α), 2 at d = 256 (4: 16 B on sm_80, 8: 20–36 B).
+        8–16 B for α = 1.8 and per-head α), 4 at d = 256 with ``reload_query`` (2026-12-02: 159–167
+        registers, none spill; holding the 32×256 query tile, ptxas stops at 168 registers at 2, 4
+        and 8 warps and 18 of the 20 bf16 variants spilled 8–48 B; reloading it at 2 warps takes
+        255 registers and still spills 8 B in one).
 
         Forward kernel: 4 warps and two stages up to d = 64, except a static non-polynomial α at
         d = 64 below sm_90 (or an unknown GPU): one stage, as two spill 4 B in the causal α = 1.8
-        forward on sm_80 (168 registers).
+        forward on sm_80 (168 registers). Sparsemax at d ≤ 32 and every α at d = 256 reload the query
+        tile (2026-12-02: the d = 32 α = 2 training forward spilled 4–8 B on sm_80 at 168 registers,
+        clean at 168–182 reloading; the d = 256 general-α forward spilled 4 B on sm_90; at d = 32
+        α = 1.5 and at d = 64, reloading makes the sm_80 forward spill 4–16 B instead, so it is not
+        the default there). A dense mask or bias at d = 128 below sm_90: one stage (two: the mask +
+        bias training forward spills 12 B on sm_80 at 255 registers, 4 B reloading; one: 247, none).
 
         Backward kernels: one stage from d = 64 (two stages: dK/dV at 255 registers spills 16–24 B on
         sm_80; one stage: 224–253, none) and 8 warps, 4 at d = 32 (8 warps: the dQ spills 8 B) and, on
@@ -93,15 +108,15 @@ class BlockSizes:
         """
         hopper = compute_capability is not None and compute_capability >= 90
         if head_dim <= 32:
-            return cls(64, 64, 4, 2, backward_num_warps=4, backward_num_stages=1)
+            return cls(64, 64, 4, 2, backward_num_warps=4, backward_num_stages=1, reload_query=alpha == 2.0)
         if head_dim <= 64:
             general_alpha = alpha is not None and alpha not in (1.5, 2.0)
             return cls(64, 64, 4, 1 if general_alpha and not hopper else 2, tau_num_warps=4, tau_num_stages=2,
                        backward_num_warps=4 if hopper else 8, backward_num_stages=1)
         if head_dim <= 128:
-            return cls(64, 64, 8, 2, tau_num_warps=4 if hopper else 8, tau_num_stages=2, backward_num_warps=8,
-                       backward_num_stages=1)
-        return cls(32, 32, 8, 1, tau_num_warps=2)
+            return cls(64, 64, 8, 1 if dense_inputs and not hopper else 2, tau_num_warps=4 if hopper else 8,
+                       tau_num_stages=2, backward_num_warps=8, backward_num_stages=1)
+        return cls(32, 32, 8, 1, tau_num_warps=4, reload_query=True)
 
     def __post_init__(self):
         for name in ("block_q", "block_k"):
@@ -114,8 +129,9 @@ class BlockSizes:
             w = getattr(self, name)
             if (w is not None or name == "num_warps") and (not isinstance(w, int) or w < 1 or w & (w - 1)):
                 raise ValueError(f"`BlockSizes.{name}` must be a power of two ≥ 1, got {w!r}")
-        if not isinstance(self.histogram_start, bool):
-            raise ValueError(f"`BlockSizes.histogram_start` must be a bool, got {self.histogram_start!r}")
+        for name in ("histogram_start", "reload_query"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`BlockSizes.{name}` must be a bool, got {getattr(self, name)!r}")
         for name in ("num_stages", "tau_num_stages", "backward_num_stages"):
             n = getattr(self, name)
             if (n is not None or name == "num_stages") and (not isinstance(n, int) or n < 1):
@@ -137,6 +153,7 @@ class KernelConfig:
     n_iter: int  # solver passes: exactly, or at most when adaptive
     adaptive: bool
     histogram_start: bool
+    reload_query: bool
     causal: bool
     window: tuple[int, int] | None
     scale: float
@@ -261,14 +278,16 @@ def make_config(inp: AttentionInputs, block_sizes: BlockSizes | None, interpret:
         raise ValueError(reason)
     dtype = inp.query.dtype
     alpha_static = inp.alpha if isinstance(inp.alpha, float) else None
-    bs = block_sizes or BlockSizes.for_head_dim(H, alpha_static, local_compute_capability())
-    block_q, block_k = tile_shape(bs, T, S)
     padding_mask = inp.mask is not None and padding_mask_axis(inp.mask) is not None
     dense_mask = None if inp.mask is None or padding_mask else inp.mask
+    bs = block_sizes or BlockSizes.for_head_dim(H, alpha_static, local_compute_capability(),
+                                                dense_inputs=dense_mask is not None or inp.bias is not None)
+    block_q, block_k = tile_shape(bs, T, S)
     return KernelConfig(
         q_len=T, kv_len=S, num_heads=N, num_kv_heads=K, head_dim=H,
         block_q=block_q, block_k=block_k, launch=tuple(bs.launch().items()),
         n_iter=bs.solver_passes(), adaptive=bs.n_iter is None, histogram_start=bs.histogram_start,
+        reload_query=bs.reload_query,
         causal=inp.is_causal, window=inp.window,
         scale=abs(inp.scale),  # kernel_inputs negates the key for a negative scale
         alpha_static=alpha_static,

@@ -16,7 +16,7 @@ from jax.experimental import pallas as pl
 from adasplash_jax.kernels.config import KernelConfig
 from adasplash_jax.kernels.specs import block_specs, call, tile_input_specs
 from adasplash_jax.kernels.threshold import thresholds
-from adasplash_jax.kernels.tiles import (RowContext, TileInputs, alpha_of, dot, list_slots_below,
+from adasplash_jax.kernels.tiles import (RowContext, TileInputs, alpha_of, dot, list_slots_below, query_tile,
                                          split_loop, tile_powers)
 from adasplash_jax.tiling import active_block_lists, pad_axis
 
@@ -29,7 +29,7 @@ def _forward_kernel(
 ):
     q_block = pl.program_id(0)
     alpha = alpha_of(cfg, alpha_ref, 0)
-    q = q_ref[...]
+    q = query_tile(cfg, q_ref)
     row = RowContext.of_query_block(cfg, q_block, q_len_ref, kv_len_ref, refs)
     tau, row_max = tau_ref[...], row_max_ref[...]
     hp = cfg.head_dim_padded

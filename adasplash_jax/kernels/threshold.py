@@ -25,7 +25,8 @@ from adasplash_jax.kernels.config import MASKED, KernelConfig
 from adasplash_jax.kernels.mask_info import visible_key_blocks
 from adasplash_jax.kernels.specs import block_specs, call, tile_input_specs, visible_block_specs
 from adasplash_jax.kernels.tiles import (RowContext, TileInputs, alpha_of, diagonal_key_block, list_slots_below,
-                                         powers, split_loop, tile_x, tile_z, wrapped_down, x_multiplier)
+                                         powers, query_tile, split_loop, tile_x, tile_z, wrapped_down,
+                                         x_multiplier)
 from adasplash_jax.solver import TOL, no_progress, solver_step, threshold_bracket
 
 # Relative slack (x units) of the max pass's tile marks: far above float32 rounding of x.
@@ -39,7 +40,7 @@ def _threshold_kernel(
 ):
     q_block = pl.program_id(0)
     alpha = alpha_of(cfg, alpha_ref, 0)
-    q = q_ref[...]
+    q = query_tile(cfg, q_ref)
     row = RowContext.of_query_block(cfg, q_block, q_len_ref, kv_len_ref, refs)
     first_block, num_blocks = row.key_block_range()
     interior = row.interior_end()

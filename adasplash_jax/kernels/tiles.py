@@ -161,11 +161,18 @@ class RowContext:
         return jnp.where(keep, d, MASKED), keep
 
     def scores(self, q, k_ref, kv_block, masked=True):
-        """``tile_scores`` of key block ``kv_block`` loaded from ``k_ref``; also returns the key tile."""
+        """``tile_scores`` of key block ``kv_block`` loaded from ``k_ref``; also returns the key tile.
+        ``q``: the query tile, or a function reading it (``query_tile``)."""
         cfg = self.cfg
         k = k_ref[pl.ds(kv_block * cfg.block_k, cfg.block_k), :]
-        d, keep = self.tile_scores(q, k, kv_block, masked)
+        d, keep = self.tile_scores(q() if callable(q) else q, k, kv_block, masked)
         return d, keep, k
+
+
+def query_tile(cfg: KernelConfig, q_ref):
+    """The query tile of a query-block kernel for ``RowContext.scores``: loaded once and held across
+    the key loop, or (``cfg.reload_query``) read from its ref at every key tile."""
+    return (lambda: q_ref[...]) if cfg.reload_query else q_ref[...]
 
 
 def query_positions(cfg: KernelConfig, q_block):
