@@ -149,6 +149,24 @@ def test_rows_with_nothing_to_attend_are_zero_with_zero_grads():
     assert_close(out, ref_out, jnp.float32, "output")
 
 
+@pytest.mark.slow
+def test_a_nan_query_row_spoils_only_its_own_output_and_dq_row():
+    """The NaN policy through the τ kernel and the backward: the bad row's output and dQ row are NaN
+    (the backward gives bad rows a NaN δ); the other rows of its query block keep their answer (a
+    NaN in the τ kernel's per-tile mark reduction once emptied the whole block's mask), equal to the
+    dense path's."""
+    q, k, v = make_qkv(1, 24, 24, 2, 2, 16)
+    q = q.at[0, 5, 1, 3].set(jnp.nan)
+    out, (dq, _, _) = loss_and_grads("pallas", q, k, v)
+    ref_out, (ref_dq, _, _) = loss_and_grads("xla", q, k, v)
+    bad = np.zeros((1, 24, 2), bool)
+    bad[0, 5, 1] = True
+    out, dq = np.asarray(out), np.asarray(dq)
+    assert np.all(np.isnan(out[bad])) and np.all(np.isnan(dq[bad]))
+    assert_close(out[~bad], np.asarray(ref_out)[~bad], jnp.float32, "output of the other rows")
+    assert_close(dq[~bad], np.asarray(ref_dq)[~bad], jnp.float32, "dq of the other rows")
+
+
 def block_diagonal_qkv(B, L, N, H, block, strength=12.0):
     """Queries and keys whose position-block b points along direction b: each query's
     probability mass stays inside its own block, so the block mask is the diagonal."""

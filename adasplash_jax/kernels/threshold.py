@@ -133,8 +133,10 @@ def _threshold_kernel(
         # The tile is active if any entry lies above lo, the bracket's lower end before this pass:
         # f(lo) ≥ 0 and the final τ never leaves the bracket, whose lower end only grows, so
         # final τ ≥ lo and this mask covers the support at the final τ. (The row's top x, from
-        # its top raw score: x is monotone in d.)
-        above = jnp.max(tile_x(cfg, alpha, jnp.max(d, axis=1)[:, None], row_max)[:, 0] - lo) > 0
+        # its top raw score: x is monotone in d.) Compared per row, then reduced as integers: a bad
+        # row's NaN never decides for the others (a float max would carry it in interpret mode).
+        row_above = tile_x(cfg, alpha, jnp.max(d, axis=1)[:, None], row_max)[:, 0] > lo
+        above = jnp.max(row_above.astype(jnp.int32)) > 0
         bits = jnp.where(block_ids == j, above.astype(jnp.int32), acc[3])
         visited = acc[4] + 1 if cfg.debug else acc[4]  # counted for kernels.debug only
         return acc[0] + jnp.sum(t0, 1), acc[1] + jnp.sum(t1, 1), acc[2] + jnp.sum(t2, 1), bits, visited
