@@ -52,7 +52,7 @@ def _attention_fwd(cfg, q, k, v, alpha, q_len, kv_len, tile_inputs):
         is_leaf=lambda a: isinstance(a, jax.custom_derivatives.CustomVJPPrimal))
     (out, out_tilde, *_), stats = forward(cfg, alpha, q_len, kv_len, q, k, v, tile_inputs, with_residual=True)
     residuals = (q, k, v, alpha, q_len, kv_len, tile_inputs, out_tilde,
-                 {key: stats[key] for key in ("tau", "row_max", "norm", "inv_norm", "block_mask", "q_counts", "q_lists")},
+                 {key: stats[key] for key in ("tau", "row_max", "norm", "block_mask", "q_counts", "q_lists")},
                  jnp.zeros(()) if alpha_grad else None, jnp.zeros(()) if bias_grad else None)
     return (out, _public_stats(stats)), residuals
 

@@ -15,7 +15,8 @@ from adasplash_jax.kernels.config import KernelConfig
 from adasplash_jax.kernels.mask_info import transposed_kinds
 from adasplash_jax.kernels.specs import block_specs, call, tile_input_specs
 from adasplash_jax.kernels.tiles import (RowContext, TileInputs, alpha_of, dot, interior_query_blocks,
-                                         list_slots_below, log2_positive, split_loop, tile_powers, tile_x)
+                                         list_slots_below, log2_positive, powers, shifted_z, split_loop, tile_x,
+                                         x_multiplier)
 from adasplash_jax.tiling import active_block_lists, pad_axis, transposed_block_mask
 
 _LN2 = math.log(2.0)
@@ -23,7 +24,7 @@ _LN2 = math.log(2.0)
 
 def _dkdv_kernel(
     alpha_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, refs: TileInputs,
-    tau_ref, row_max_ref, inv_norm_ref, u_scale_ref, delta_ref, count_ref, list_ref,
+    row_max_ref, z_mult_ref, z_shift_ref, delta_ref, count_ref, list_ref,
     dk_ref, dv_ref, *debug_refs,
     cfg: KernelConfig,
 ):
@@ -48,9 +49,7 @@ def _dkdv_kernel(
             q = q_ref[rows, g, :]
             do = do_ref[rows, g, :]
             d, _ = RowContext(cfg, i, q_len, kv_len, refs, head=g).tile_scores(q, k, kv_block, masked)
-            _, p0, p1 = tile_powers(cfg, alpha, d, tau_ref[g, rows], row_max_ref[g, rows])
-            p = p0 * inv_norm_ref[g, rows][:, None]
-            u = p1 * u_scale_ref[g, rows][:, None]
+            p, u = gradient_powers(cfg, alpha, d, row_max_ref[g, rows], z_mult_ref[g, rows], z_shift_ref[g, rows])
             dv = dv + dot(cfg, p.astype(do.dtype), do, trans_a=True)
             dp = dot(cfg, do, v, trans_b=True)
             ds = u * (dp - delta_ref[g, rows][:, None])
@@ -72,7 +71,7 @@ def _dkdv_kernel(
 
 def _dq_kernel(
     alpha_ref, q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, refs: TileInputs,
-    tau_ref, row_max_ref, inv_norm_ref, u_scale_ref, delta_ref, count_ref, list_ref, *extra_refs,
+    row_max_ref, z_mult_ref, z_shift_ref, delta_ref, count_ref, list_ref, *extra_refs,
     cfg: KernelConfig, with_alpha_grad: bool, with_bias_grad: bool,
 ):
     q_block = pl.program_id(0)
@@ -85,22 +84,14 @@ def _dq_kernel(
     dq_ref = extra.pop(0)
     bias_grad_ref = extra.pop(0) if with_bias_grad else None
     row = RowContext.of_query_block(cfg, q_block, q_len_ref, kv_len_ref, refs)
-    tau, row_max, inv_norm, u_scale, delta = (tau_ref[...], row_max_ref[...], inv_norm_ref[...], u_scale_ref[...],
-                                              delta_ref[...])
-
-    if with_alpha_grad:
-        c0 = 1.0 / (alpha - 1.0)
-        # log p = c0·ln z + ln(1/Σ): one lg2 per entry, the one the powers take anyway (an empty
-        # row, 1/Σ = 0, has p = 0 everywhere: its log term is never used).
-        log_inv_norm = jnp.log(jnp.where(inv_norm > 0, inv_norm, 1.0))
+    row_max, z_mult, z_shift, delta = row_max_ref[...], z_mult_ref[...], z_shift_ref[...], delta_ref[...]
+    c0 = 1.0 / (alpha - 1.0)
 
     def body(t, masked, carry):
         dq, alpha_sum = carry
         j = list_ref[t]
         d, _, k = row.scores(q, k_ref, j, masked)
-        z, p0, p1 = tile_powers(cfg, alpha, d, tau, row_max)
-        p = p0 * inv_norm[:, None]
-        u = p1 * u_scale[:, None]
+        p, u = gradient_powers(cfg, alpha, d, row_max, z_mult, z_shift)
         v = v_ref[pl.ds(j * cfg.block_k, cfg.block_k), :]
         dp_centred = dot(cfg, do, v, trans_b=True) - delta[:, None]
         ds = u * dp_centred
@@ -110,10 +101,11 @@ def _dq_kernel(
         if with_alpha_grad:
             # dL/dα of a row = c0·Σ_j (dP_j − δ)(u_j s_j − p_j log p_j): from dp_j/dα = c0·(u_j(s_j − τ')
             # − p_j log p_j) and Σ dP·u = δ·Σu, the τ' term cancels, so one row sum, no Σu. s = x/(α−1)
-            # with x relative to the row max (the sum is shift-invariant); u and p are exact zeros
-            # off the support, so no selects.
+            # with x relative to the row max (the sum is shift-invariant); log p = c0·ln ẑ, the lg2
+            # the powers take anyway; u and p are exact zeros off the support, so no selects.
             x = tile_x(cfg, alpha, d, row_max)
-            term = c0 * (u * x - _LN2 * p * log2_positive(cfg, z)) - p * log_inv_norm[:, None]
+            z_hat = shifted_z(cfg, d, row_max, z_mult, z_shift)
+            term = c0 * (u * x - _LN2 * p * log2_positive(cfg, z_hat))
             alpha_sum = alpha_sum + jnp.sum(dp_centred * term, 1)
         return dq, alpha_sum
 
@@ -128,11 +120,30 @@ def _dq_kernel(
         extra.pop(0)[...] = count
 
 
+def gradient_powers(cfg: KernelConfig, alpha, d, row_max, z_mult, z_shift):
+    """(p, u) of a raw score tile for the backward: p = z^c0/Σ and u = p^(2−α) = z^c1·Σ^(α−2), both
+    exact zeros off the support. With ẑ = z·Σ^(1−α), read off ``gradient_rows``' constants by the
+    fma that forms z, they are p = ẑ^c0 and u = ẑ^c1: the normaliser costs nothing per entry."""
+    p, u, _ = powers(cfg, alpha, shifted_z(cfg, d, row_max, z_mult, z_shift), need_c2=False)
+    return p, u
+
+
+def gradient_rows(cfg: KernelConfig, alpha, stats, delta):
+    """The backward kernels' row inputs [B, N, T]: the row max, ẑ's multiplier (α−1)·scale·Σ^(1−α)
+    and shift −τ·Σ^(1−α) (``gradient_powers``), and δ. A row with nothing to attend (Σ = 0) gets
+    ẑ = 0; a bad row (Σ NaN) a NaN δ, so its dQ and its share of dK are NaN, as its output is."""
+    norm = stats["norm"]
+    alpha_rows = jnp.float32(cfg.alpha_static) if cfg.alpha_static is not None else alpha[None, :, None]
+    z_scale = jnp.where(norm > 0, jnp.exp((1.0 - alpha_rows) * jnp.log(jnp.where(norm > 0, norm, 1.0))), 0.0)
+    delta = jnp.where(jnp.isnan(norm), jnp.nan, delta)
+    return stats["row_max"], x_multiplier(cfg, alpha_rows) * z_scale, -stats["tau"] * z_scale, delta
+
+
 def backward_in_specs(cfg: KernelConfig, sp, grid_over: str, list_width: int):
-    """Inputs of both backward kernels: α, lengths, q, k, v, dO, tile inputs, τ, row max, 1/Σ, u scale, δ,
-    count, list."""
+    """Inputs of both backward kernels: α, lengths, q, k, v, dO, tile inputs, the row inputs
+    (``gradient_rows``), count, list."""
     return [sp["alpha"], sp["batch_scalar"], sp["batch_scalar"], sp["q"], sp["kv"], sp["kv"], sp["q"],
-            tile_input_specs(cfg, sp, grid_over), *[sp["row"]] * 5, sp["block_scalar"], sp["block_list"](list_width)]
+            tile_input_specs(cfg, sp, grid_over), *[sp["row"]] * 4, sp["block_scalar"], sp["block_list"](list_width)]
 
 
 def backward(cfg: KernelConfig, alpha, q_len, kv_len, q, k, v, tile_inputs: TileInputs, stats, out_tilde, d_out,
@@ -143,12 +154,7 @@ def backward(cfg: KernelConfig, alpha, q_len, kv_len, q, k, v, tile_inputs: Tile
     d_out = d_out.astype(q.dtype)
     # δ_i = dO_i · Õ_i, per row, laid out [B, N, T] like τ.
     delta = jnp.einsum("btnh,btnh->bnt", d_out.astype(jnp.float32), out_tilde)
-    norm = stats["norm"]
-    alpha_rows = (jnp.float32(cfg.alpha_static) if cfg.alpha_static is not None else alpha[None, :, None])
-    # u = p^(2−α) with p = z^c0 / Σ: u = z^c1 · Σ^(α−2).
-    u_scale = jnp.where(norm > 0, jnp.exp((alpha_rows - 2.0) * jnp.log(jnp.where(norm > 0, norm, 1.0))),
-                        jnp.where(jnp.isnan(norm), jnp.nan, 0.0))
-    row_inputs = (stats["tau"], stats["row_max"], stats["inv_norm"], u_scale, delta)
+    row_inputs = gradient_rows(cfg, alpha, stats, delta)
 
     # dK, dV: grid over key blocks, per kv head, looping over the group's heads' active query blocks.
     kv_counts, kv_lists = active_block_lists(transposed_block_mask(stats["block_mask"], cfg.q_blocks_padded))

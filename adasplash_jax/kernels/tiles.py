@@ -291,20 +291,30 @@ def tile_x(cfg: KernelConfig, alpha, d, row_max):
     return (d - row_max[:, None]) * x_multiplier(cfg, alpha)
 
 
-def tile_z(cfg: KernelConfig, alpha, d, tau, row_max):
-    """z = [x − τ]_+ of a raw score tile: (d − m)·(α−1)·scale − τ as one fma per entry on the GPU
-    (the lowering emits no fused multiply-add itself); a multiply and a subtraction in interpret
-    mode. τ is relative to the shifted row, whose max is 0."""
-    shifted = d - row_max[:, None]
-    x_mult = x_multiplier(cfg, alpha)
+def fma(cfg: KernelConfig, a, b, c):
+    """a·b + c per entry of a float32 tile (``b``, ``c``: scalars or per-row [rows, 1], broadcast) as
+    one fma.rn.f32 on the GPU (the lowering never fuses a multiply and an add itself); a multiply
+    and an add in interpret mode."""
     if cfg.interpret:
-        return jnp.maximum(shifted * x_mult - tau[:, None], 0.0)
-    [x_minus_tau] = plgpu.elementwise_inline_asm(
-        "fma.rn.f32 $0, $1, $2, $3;", args=[shifted, jnp.broadcast_to(x_mult, d.shape).astype(d.dtype),
-                                              jnp.broadcast_to(-tau[:, None], d.shape)],
-        constraints="=f,f,f,f", pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(d.shape, d.dtype)],
+        return a * b + c
+    [y] = plgpu.elementwise_inline_asm(
+        "fma.rn.f32 $0, $1, $2, $3;", args=[a] + [jnp.broadcast_to(t, a.shape).astype(a.dtype) for t in (b, c)],
+        constraints="=f,f,f,f", pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, a.dtype)],
     )
-    return jnp.maximum(x_minus_tau, 0.0)
+    return y
+
+
+def shifted_z(cfg: KernelConfig, d, row_max, mult, shift):
+    """[(d − m)·mult + shift]_+ of a raw score tile, one subtraction and one fma per entry; ``mult``
+    and ``shift``: scalars or per-row vectors [block_q]."""
+    as_rows = lambda t: t[:, None] if jnp.ndim(t) == 1 else t  # noqa: E731
+    return jnp.maximum(fma(cfg, d - row_max[:, None], as_rows(mult), as_rows(shift)), 0.0)
+
+
+def tile_z(cfg: KernelConfig, alpha, d, tau, row_max):
+    """z = [x − τ]_+ of a raw score tile, x = (α−1)·scale·(d − m) (τ is relative to the shifted row,
+    whose max is 0)."""
+    return shifted_z(cfg, d, row_max, x_multiplier(cfg, alpha), -tau)
 
 
 def tile_powers(cfg: KernelConfig, alpha, d, tau, row_max):
