@@ -50,7 +50,8 @@ def _need_tools():
 # BlockSizes for each target): none since 2026-12-02, measured on the default matrix (`python -m
 # adasplash_jax.aot --matrix --no-sass`: 0 of 590; 24 before the d = 256 kernels and sparsemax's
 # d = 32 forward read the query tile per key tile, the d = 256 τ kernel went to 4 warps and a dense
-# mask or bias kept the d = 128 forward at one stage below sm_90; 86 at the first count). Strict xfails: a kernel that spills today goes here with the
+# mask or bias kept the d = 128 forward at one stage below sm_90; 86 at the first count), and 0 of 920
+# on the full matrix (`--matrix full`, the fp16 twins included; fp32 kernels spill, as reported). Strict xfails: a kernel that spills today goes here with the
 # date and why, and the change that stops it spilling must delete its line.
 SPILL_TODAY: set[str] = set()
 
