@@ -49,7 +49,7 @@ def _dkdv_kernel(
             q = q_ref[rows, g, :]
             do = do_ref[rows, g, :]
             d, _ = RowContext(cfg, i, q_len, kv_len, refs, head=g).tile_scores(q, k, kv_block, masked)
-            p, u = gradient_powers(cfg, alpha, d, row_max_ref[g, rows], z_mult_ref[g, rows], z_shift_ref[g, rows])
+            _, p, u = gradient_powers(cfg, alpha, d, row_max_ref[g, rows], z_mult_ref[g, rows], z_shift_ref[g, rows])
             dv = dv + dot(cfg, p.astype(do.dtype), do, trans_a=True)
             dp = dot(cfg, do, v, trans_b=True)
             ds = u * (dp - delta_ref[g, rows][:, None])
@@ -91,7 +91,7 @@ def _dq_kernel(
         dq, alpha_sum = carry
         j = list_ref[t]
         d, _, k = row.scores(q, k_ref, j, masked)
-        p, u = gradient_powers(cfg, alpha, d, row_max, z_mult, z_shift)
+        z_hat, p, u = gradient_powers(cfg, alpha, d, row_max, z_mult, z_shift)
         v = v_ref[pl.ds(j * cfg.block_k, cfg.block_k), :]
         dp_centred = dot(cfg, do, v, trans_b=True) - delta[:, None]
         ds = u * dp_centred
@@ -104,7 +104,6 @@ def _dq_kernel(
             # with x relative to the row max (the sum is shift-invariant); log p = c0·ln ẑ, the lg2
             # the powers take anyway; u and p are exact zeros off the support, so no selects.
             x = tile_x(cfg, alpha, d, row_max)
-            z_hat = shifted_z(cfg, d, row_max, z_mult, z_shift)
             term = c0 * (u * x - _LN2 * p * log2_positive(cfg, z_hat))
             alpha_sum = alpha_sum + jnp.sum(dp_centred * term, 1)
         return dq, alpha_sum
@@ -121,11 +120,12 @@ def _dq_kernel(
 
 
 def gradient_powers(cfg: KernelConfig, alpha, d, row_max, z_mult, z_shift):
-    """(p, u) of a raw score tile for the backward: p = z^c0/Σ and u = p^(2−α) = z^c1·Σ^(α−2), both
-    exact zeros off the support. With ẑ = z·Σ^(1−α), read off ``gradient_rows``' constants by the
-    fma that forms z, they are p = ẑ^c0 and u = ẑ^c1: the normaliser costs nothing per entry."""
-    p, u, _ = powers(cfg, alpha, shifted_z(cfg, d, row_max, z_mult, z_shift), need_c2=False)
-    return p, u
+    """(ẑ, p, u) of a raw score tile for the backward: p = z^c0/Σ and u = p^(2−α) = z^c1·Σ^(α−2),
+    both exact zeros off the support. With ẑ = z·Σ^(1−α), formed from ``gradient_rows``' constants
+    by the fma that forms z, they are p = ẑ^c0 and u = ẑ^c1: the normaliser costs nothing per entry."""
+    z_hat = shifted_z(cfg, d, row_max, z_mult, z_shift)
+    p, u, _ = powers(cfg, alpha, z_hat, need_c2=False)
+    return z_hat, p, u
 
 
 def gradient_rows(cfg: KernelConfig, alpha, stats, delta):
