@@ -305,9 +305,15 @@ def fma(cfg: KernelConfig, a, b, c):
 
 
 def shifted_z(cfg: KernelConfig, d, row_max, mult, shift):
-    """[(d − m)·mult + shift]_+ of a raw score tile, one subtraction and one fma per entry; ``mult``
-    and ``shift``: scalars or per-row vectors [block_q]."""
-    as_rows = lambda t: t[:, None] if jnp.ndim(t) == 1 else t  # noqa: E731
+    """[(d − m)·mult + shift]_+ of a raw score tile; ``mult`` and ``shift``: scalars or per-row
+    vectors [block_q]. ``cfg.fold_row_max``: one fma per entry, d·mult + (shift − m·mult), the row
+    constants formed once per row (a row with no score, m MASKED, gets z = 0: its m·mult would
+    not cancel); otherwise a subtraction and an fma, (d − m)·mult + shift."""
+    as_rows = lambda t: jnp.broadcast_to(t, row_max.shape)[:, None]  # noqa: E731
+    if cfg.fold_row_max:
+        has_scores = ~(row_max <= 0.5 * MASKED)  # NaN rows (bad) stay NaN
+        mult, shift = jnp.where(has_scores, mult, 0.0), jnp.where(has_scores, shift - row_max * mult, 0.0)
+        return jnp.maximum(fma(cfg, d, as_rows(mult), as_rows(shift)), 0.0)
     return jnp.maximum(fma(cfg, d - row_max[:, None], as_rows(mult), as_rows(shift)), 0.0)
 
 
