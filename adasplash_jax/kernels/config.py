@@ -170,6 +170,15 @@ class KernelConfig:
     count_nonzero: bool = False
 
     @property
+    def fold_row_max(self) -> bool:
+        """Whether z = [(d − m)·mult + shift]_+ is one fma per entry, d·mult + (shift − m·mult)
+        (``tiles.shifted_z``), for bf16/fp16 inputs. Folding m rounds the row constant once, an
+        error of ~2⁻²⁴·|m·mult| in x; scores from bf16/fp16 operands carry ~2⁻⁹·|m| already, so
+        it is lost in their rounding. fp32 inputs keep the subtraction (x exact near the max at any
+        score magnitude)."""
+        return not self.exact_dots
+
+    @property
     def irregular(self) -> bool:
         """Whether the kept entries of a tile depend on more than positions, lengths and the causal
         diagonal (segments, windows, dense masks): no tile is then known to be interior."""

@@ -25,7 +25,7 @@ from adasplash_jax.kernels.config import MASKED, KernelConfig
 from adasplash_jax.kernels.mask_info import visible_key_blocks
 from adasplash_jax.kernels.specs import block_specs, call, tile_input_specs, visible_block_specs
 from adasplash_jax.kernels.tiles import (RowContext, TileInputs, alpha_of, diagonal_key_block, list_slots_below,
-                                         powers, query_tile, split_loop, tile_x, tile_z, wrapped_down,
+                                         powers, query_tile, split_loop, tile_z, wrapped_down,
                                          x_multiplier)
 from adasplash_jax.solver import TOL, no_progress, solver_step, threshold_bracket
 
@@ -123,8 +123,13 @@ def _threshold_kernel(
     # The first solver pass visits the tiles whose top entry may lie above some row's lo (the
     # others hold no entry above their row's τ at any later pass). The margin covers the
     # rounding of x = (d − m)·(α−1)·scale, which the solver passes recompute per entry.
+    # With cfg.fold_row_max the passes round the row constant m·(α−1)·scale once more: the margin
+    # grows by that rounding (2⁻²⁴ relative, taken 8× over) of the block's largest.
     lowest = jnp.min(jnp.where(has_any, lo, jnp.inf))
-    first_marks = (tile_top * x_mult > lowest - _MARK_MARGIN * (1.0 + jnp.abs(lowest))).astype(jnp.int32)
+    margin = _MARK_MARGIN * (1.0 + jnp.abs(lowest))
+    if cfg.fold_row_max:
+        margin = margin + 2.0**-21 * jnp.max(jnp.where(has_any, jnp.abs(row_max * x_mult), 0.0))
+    first_marks = (tile_top * x_mult > lowest - margin).astype(jnp.int32)
 
     def pass_sums(tau, lo, j, masked, acc):
         d, _, _ = row.scores(q, k_ref, j, masked)
@@ -132,10 +137,11 @@ def _threshold_kernel(
         t0, t1, t2 = powers(cfg, alpha, z)
         # The tile is active if any entry lies above lo, the bracket's lower end before this pass:
         # f(lo) ≥ 0 and the final τ never leaves the bracket, whose lower end only grows, so
-        # final τ ≥ lo and this mask covers the support at the final τ. (The row's top x, from
-        # its top raw score: x is monotone in d.) Compared per row, then reduced as integers: a bad
-        # row's NaN never decides for the others (a float max would carry it in interpret mode).
-        row_above = tile_x(cfg, alpha, jnp.max(d, axis=1)[:, None], row_max)[:, 0] > lo
+        # final τ ≥ lo and this mask covers the support at the final τ. (The row's top z at lo,
+        # from its top raw score, formed as every kernel forms z: z is monotone in d and in τ.)
+        # Compared per row, then reduced as integers: a bad row's NaN never decides for the
+        # others (a float max would carry it in interpret mode).
+        row_above = tile_z(cfg, alpha, jnp.max(d, axis=1)[:, None], lo, row_max)[:, 0] > 0
         above = jnp.max(row_above.astype(jnp.int32)) > 0
         bits = jnp.where(block_ids == j, above.astype(jnp.int32), acc[3])
         visited = acc[4] + 1 if cfg.debug else acc[4]  # counted for kernels.debug only

@@ -305,10 +305,27 @@ def fma(cfg: KernelConfig, a, b, c):
 
 
 def shifted_z(cfg: KernelConfig, d, row_max, mult, shift):
-    """[(d − m)·mult + shift]_+ of a raw score tile, one subtraction and one fma per entry; ``mult``
-    and ``shift``: scalars or per-row vectors [block_q]."""
-    as_rows = lambda t: t[:, None] if jnp.ndim(t) == 1 else t  # noqa: E731
+    """[(d − m)·mult + shift]_+ of a raw score tile; ``mult`` and ``shift``: scalars or per-row
+    vectors [block_q]. ``cfg.fold_row_max``: one fma per entry, d·mult + (shift − m·mult), the row
+    constants formed once per row (a row with no score, m MASKED, gets z = 0: its m·mult would
+    not cancel); otherwise a subtraction and an fma, (d − m)·mult + shift."""
+    if cfg.fold_row_max:
+        return folded_z(cfg, d, *fold_row_max(row_max, mult, shift))
+    as_rows = lambda t: jnp.broadcast_to(t, row_max.shape)[:, None]  # noqa: E731
     return jnp.maximum(fma(cfg, d - row_max[:, None], as_rows(mult), as_rows(shift)), 0.0)
+
+
+def fold_row_max(row_max, mult, shift):
+    """Per-row (mult, shift − m·mult): ``folded_z``'s constants for [(d − m)·mult + shift]_+; zeros for
+    a row with no score (m MASKED: its m·mult would not cancel); a NaN row stays NaN."""
+    has_scores = ~(row_max <= 0.5 * MASKED)
+    mult = jnp.broadcast_to(mult, row_max.shape)
+    return jnp.where(has_scores, mult, 0.0), jnp.where(has_scores, shift - row_max * mult, 0.0)
+
+
+def folded_z(cfg: KernelConfig, d, mult, shift):
+    """[d·mult + shift]_+ of a raw score tile, one fma per entry (``mult``, ``shift``: per row [block_q])."""
+    return jnp.maximum(fma(cfg, d, mult[:, None], shift[:, None]), 0.0)
 
 
 def tile_z(cfg: KernelConfig, alpha, d, tau, row_max):
