@@ -25,7 +25,7 @@ from adasplash_jax.kernels.config import MASKED, KernelConfig
 from adasplash_jax.kernels.mask_info import visible_key_blocks
 from adasplash_jax.kernels.specs import block_specs, call, tile_input_specs, visible_block_specs
 from adasplash_jax.kernels.tiles import (RowContext, TileInputs, alpha_of, diagonal_key_block, list_slots_below,
-                                         powers, query_tile, split_loop, tile_z, wrapped_down,
+                                         powers, query_tile, split_loop, tile_x, tile_z, wrapped_down,
                                          x_multiplier)
 from adasplash_jax.solver import TOL, no_progress, solver_step, threshold_bracket
 
@@ -137,11 +137,16 @@ def _threshold_kernel(
         t0, t1, t2 = powers(cfg, alpha, z)
         # The tile is active if any entry lies above lo, the bracket's lower end before this pass:
         # f(lo) ≥ 0 and the final τ never leaves the bracket, whose lower end only grows, so
-        # final τ ≥ lo and this mask covers the support at the final τ. (The row's top z at lo,
-        # from its top raw score, formed as every kernel forms z: z is monotone in d and in τ.)
-        # Compared per row, then reduced as integers: a bad row's NaN never decides for the
-        # others (a float max would carry it in interpret mode).
-        row_above = tile_z(cfg, alpha, jnp.max(d, axis=1)[:, None], lo, row_max)[:, 0] > 0
+        # final τ ≥ lo and this mask covers the support at the final τ. (The row's top x, from
+        # its top raw score: x is monotone in d; with the row max folded, its top z at lo, formed
+        # as every kernel forms z, z being monotone in d and in τ.) Compared per row, then reduced
+        # as integers: a bad row's NaN never decides for the others (a float max would carry it
+        # in interpret mode).
+        top_d = jnp.max(d, axis=1)[:, None]
+        if cfg.fold_row_max:
+            row_above = tile_z(cfg, alpha, top_d, lo, row_max)[:, 0] > 0
+        else:  # (ptxas keeps d = 32 sparsemax on sm_80 in registers this way)
+            row_above = tile_x(cfg, alpha, top_d, row_max)[:, 0] > lo
         above = jnp.max(row_above.astype(jnp.int32)) > 0
         bits = jnp.where(block_ids == j, above.astype(jnp.int32), acc[3])
         visited = acc[4] + 1 if cfg.debug else acc[4]  # counted for kernels.debug only

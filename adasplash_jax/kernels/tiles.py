@@ -311,21 +311,27 @@ def shifted_z(cfg: KernelConfig, d, row_max, mult, shift):
     not cancel); otherwise a subtraction and an fma, (d − m)·mult + shift."""
     if cfg.fold_row_max:
         return folded_z(cfg, d, *fold_row_max(row_max, mult, shift))
-    as_rows = lambda t: jnp.broadcast_to(t, row_max.shape)[:, None]  # noqa: E731
-    return jnp.maximum(fma(cfg, d - row_max[:, None], as_rows(mult), as_rows(shift)), 0.0)
+    return jnp.maximum(fma(cfg, d - row_max[:, None], _as_rows(mult), _as_rows(shift)), 0.0)
+
+
+def _as_rows(t):
+    """A per-row vector [rows] as a column [rows, 1]; a scalar stays a scalar (one register)."""
+    return t[:, None] if jnp.ndim(t) == 1 else t
 
 
 def fold_row_max(row_max, mult, shift):
-    """Per-row (mult, shift − m·mult): ``folded_z``'s constants for [(d − m)·mult + shift]_+; zeros for
-    a row with no score (m MASKED: its m·mult would not cancel); a NaN row stays NaN."""
+    """``folded_z``'s constants for [(d − m)·mult + shift]_+: ``mult`` as given (a scalar stays a
+    scalar: one register, not one per row) and per row shift − m·mult; a row with no score (m
+    MASKED) gets shift 0, so its z = [MASKED·mult]_+ = 0 (its m·mult would not cancel under the fma's
+    single rounding); a NaN row stays NaN."""
     has_scores = ~(row_max <= 0.5 * MASKED)
-    mult = jnp.broadcast_to(mult, row_max.shape)
-    return jnp.where(has_scores, mult, 0.0), jnp.where(has_scores, shift - row_max * mult, 0.0)
+    return mult, jnp.where(has_scores, shift - row_max * mult, 0.0)
 
 
 def folded_z(cfg: KernelConfig, d, mult, shift):
-    """[d·mult + shift]_+ of a raw score tile, one fma per entry (``mult``, ``shift``: per row [block_q])."""
-    return jnp.maximum(fma(cfg, d, mult[:, None], shift[:, None]), 0.0)
+    """[d·mult + shift]_+ of a raw score tile, one fma per entry (``mult``: a scalar or per row
+    [block_q]; ``shift``: per row)."""
+    return jnp.maximum(fma(cfg, d, _as_rows(mult), shift[:, None]), 0.0)
 
 
 def tile_z(cfg: KernelConfig, alpha, d, tau, row_max):
