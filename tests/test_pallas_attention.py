@@ -146,8 +146,8 @@ def test_row_max_fold_follows_the_gpu():
     # GPU), never for fp32 inputs.
     for_head_dim = BlockSizes.for_head_dim
     assert for_head_dim(64, 1.5, 80).fold_row_max and for_head_dim(128, 2.0, 80).fold_row_max
-    assert not for_head_dim(32, 1.5, 80).fold_row_max and not for_head_dim(64, 2.0, None).fold_row_max
-    assert for_head_dim(32, 2.0, 90).fold_row_max and for_head_dim(64, 2.0, 90).fold_row_max
+    assert not for_head_dim(32, 1.5, 80).fold_row_max and not for_head_dim(32, 2.0, None).fold_row_max
+    assert for_head_dim(32, 2.0, 90).fold_row_max and for_head_dim(64, 2.0, None).fold_row_max
     q, k, v = make_qkv(1, 16, 16, 1, 1, 16)
     inp = check_attention_inputs(q, k, v, mask=None, scale=None, query_seq_lengths=None, segment_ids=None,
                                  key_value_seq_lengths=None, alpha=1.5, is_causal=False)

@@ -113,9 +113,11 @@ class BlockSizes:
         128 on sm_90, 4 warps spill 8–108 B in five dK/dV variants and 36 B in the learned-α dQ).
 
         The row max folded into z's fma (``fold_row_max``) everywhere but below sm_90 (or on an unknown
-        GPU) at d ≤ 32 and for sparsemax at d = 64 (2026-12-03: folded, ptxas holds those at 128–168
-        registers and spills 4–16 B in the d = 32 α = 1.5 and α = 2 forwards, the d = 32 learned-α dQ
-        and the d ≤ 64 α = 2 τ kernel on sm_80; each row's constant then lives across the key loop).
+        GPU) at d ≤ 32 (2026-12-03: folded, ptxas holds those at 128–168 registers and spills 4–16 B
+        in the d = 32 α = 1.5 and α = 2 forwards, the α = 2 τ kernel and the learned-α dQ on sm_80;
+        each row's constant then lives across the key loop). Sparsemax's d = 64 τ kernel below sm_90
+        runs at one stage: at two it spills 4–8 B on sm_80, folded or not (168 registers; one stage:
+        165–168, none).
         """
         hopper = compute_capability is not None and compute_capability >= 90
         if head_dim <= 32:
@@ -123,9 +125,10 @@ class BlockSizes:
                        fold_row_max=hopper)
         if head_dim <= 64:
             general_alpha = alpha is not None and alpha not in (1.5, 2.0)
-            return cls(64, 64, 4, 1 if general_alpha and not hopper else 2, tau_num_warps=4, tau_num_stages=2,
-                       backward_num_warps=4 if hopper else 8, backward_num_stages=1,
-                       fold_row_max=hopper or alpha != 2.0)
+            sparsemax_below_hopper = alpha == 2.0 and not hopper
+            return cls(64, 64, 4, 1 if general_alpha and not hopper else 2, tau_num_warps=4,
+                       tau_num_stages=1 if sparsemax_below_hopper else 2,
+                       backward_num_warps=4 if hopper else 8, backward_num_stages=1)
         if head_dim <= 128:
             return cls(64, 64, 8, 1 if dense_inputs and not hopper else 2, tau_num_warps=4 if hopper else 8,
                        tau_num_stages=2, backward_num_warps=8, backward_num_stages=1)
