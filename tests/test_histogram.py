@@ -31,7 +31,7 @@ def _run_histogram(d, x_mult, order, block_k=BLOCK_K):
         tile = d[:, j * block_k:(j + 1) * block_k]
         tile_max = jnp.max(tile, axis=1)
         new_max = jnp.maximum(row_max, tile_max)
-        hist = histogram.update(hist, tile, tile_max, new_max, x_mult)
+        hist, _ = histogram.update(hist, tile, tile_max, new_max, x_mult)
         row_max = new_max
     return hist, row_max
 
@@ -150,6 +150,37 @@ def test_a_max_on_or_just_below_a_grid_edge_is_counted(below_edge):
         _, (lo, hi) = model_bracket(hist, row_max, allowed, mean, jnp.float32(0.5), alpha)
         tau = exact_tau(x.astype(np.float64), alpha)
         assert (np.asarray(lo) <= tau + 1e-6).all() and (tau <= np.asarray(hi) + 1e-6).all()
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e3, -1e5])
+def test_sum_below_the_anchor_over_kept_entries(offset):
+    """update's second result, Σ (anchor − d) over each tile's kept entries, summed over the tiles
+    (the τ kernel's Jensen mean), against float64 — with a keep mask, a max that rises after the
+    first tile (the anchor stays), and scores far from zero."""
+    rng = np.random.default_rng(4)
+    R, S = 16, 4 * BLOCK_K
+    d = (rng.normal(size=(R, S)) + np.linspace(0.0, 3.0, S) + offset).astype(np.float32)
+    keep = rng.random((R, S)) < 0.7
+    keep[:, 0] = True
+    hist, total = histogram.RowHistogram.empty(R), jnp.zeros((R,), jnp.float32)
+    row_max = jnp.full((R,), MASKED, jnp.float32)
+    masked = jnp.where(jnp.asarray(keep), jnp.asarray(d), MASKED)
+    for j in range(S // BLOCK_K):
+        cols = slice(j * BLOCK_K, (j + 1) * BLOCK_K)
+        tile_max = jnp.max(masked[:, cols], axis=1)
+        new_max = jnp.maximum(row_max, tile_max)
+        hist, tile_below = histogram.update(hist, masked[:, cols], tile_max, new_max, jnp.float32(0.5),
+                                            jnp.asarray(keep[:, cols]))
+        total, row_max = total + tile_below, new_max
+    anchor = np.where(keep[:, :BLOCK_K], d[:, :BLOCK_K], -np.inf).max(1).astype(np.float64)
+    np.testing.assert_array_equal(np.asarray(hist.anchor), anchor)
+    want = np.where(keep, anchor[:, None] - d.astype(np.float64), 0.0).sum(1)
+    np.testing.assert_allclose(np.asarray(total, np.float64), want, rtol=1e-5, atol=1e-3)
+    # The kernel's mean relative to the max, −(Σ/n + (m − anchor)), to float32 accuracy.
+    n = keep.sum(1)
+    mean = -(np.asarray(total, np.float64) / n + (np.asarray(row_max, np.float64) - anchor))
+    want_mean = np.where(keep, d - d.max(1, where=keep, initial=-np.inf)[:, None], 0.0).sum(1) / n
+    np.testing.assert_allclose(mean, want_mean, atol=1e-5 * (1.0 + abs(offset)))
 
 
 def test_a_row_without_valid_entries_has_no_grid():

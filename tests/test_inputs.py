@@ -112,7 +112,9 @@ def test_default_block_sizes_follow_the_gpu(monkeypatch):
         fake_gpu(cc)
         assert dict(config.make_config(inp, None, interpret=True).launch)["backward"] == backward
     assert BlockSizes.for_head_dim(64, 1.5).launch()["backward"] == (8, 1)  # unknown GPU: sm_80-safe
-    assert BlockSizes.for_head_dim(64, 2.0).launch()["tau"] == (4, 2)
+    # Sparsemax's d = 64 τ kernel: one stage below sm_90 or when unknown (two spill on sm_80), two on sm_90.
+    assert BlockSizes.for_head_dim(64, 2.0).launch()["tau"] == (4, 1)
+    assert BlockSizes.for_head_dim(64, 2.0, 90).launch()["tau"] == (4, 2)
     assert BlockSizes.for_head_dim(64, None, 90).launch()["tau"] == (4, 2)
     # A general α's forward keeps one stage below sm_90 (two spill on sm_80), two on sm_90.
     assert BlockSizes.for_head_dim(64, 1.8).launch()["forward"] == (4, 1)

@@ -1,6 +1,7 @@
 """The Pallas kernels against the dense XLA path (their reference), in interpret mode on CPU,
 plus CUDA cross-lowering of every kernel, proof that zero tiles are skipped, and GPU runs."""
 
+import dataclasses
 import functools
 
 import chex
@@ -14,6 +15,7 @@ from jax.experimental.pallas import triton as plgpu
 from adasplash_jax import BlockSizes, entmax_attention, entmax_attention_with_stats
 from adasplash_jax.dense import dense_attention, dense_sparsity_stats
 from adasplash_jax.inputs import check_attention_inputs
+from adasplash_jax.kernels.config import make_config
 from adasplash_jax.kernels.debug import tile_visits
 
 SMALL = BlockSizes(block_q=16, block_k=16)
@@ -115,6 +117,41 @@ def test_matches_dense_half_precision(dtype):
     assert_close(out, ref_out, dtype, "output")
     for what, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
         assert_close(g, r, dtype, what)
+
+
+@pytest.mark.parametrize("fold", [True, False])
+@pytest.mark.parametrize("alpha", [1.5, 2.0, 1.8])
+def test_half_precision_row_max_folded_or_not_at_large_scores_and_empty_rows(alpha, fold):
+    # bf16 kernels fold the row max into the fma's addend (BlockSizes.fold_row_max, the default but
+    # where ptxas would spill) or subtract it per entry: scores of ~1e3 (m·(α−1)·scale ~ 1e2) match
+    # the dense path either way, and a sequence with no keys at all (m MASKED) comes out zero. (On
+    # the GPU the single-rounding fma would leave the rounding of MASKED·mult, ~1e21, for such rows
+    # without their zero shift; interpret mode's multiply and add cancel exactly, so here this
+    # checks the path, not that guard.)
+    q, k, v = make_qkv(2, 40, 40, 2, 2, 32, dtype=jnp.bfloat16, scale=6.0)
+    blocks = dataclasses.replace(SMALL, fold_row_max=fold)
+    kw = dict(alpha=alpha, is_causal=True, key_value_seq_lengths=jnp.array([40, 0]))
+    inp = check_attention_inputs(q, k, v, mask=None, scale=None, query_seq_lengths=None, segment_ids=None, **kw)
+    assert make_config(inp, blocks, None).fold_row_max == fold
+    out, grads = loss_and_grads("pallas", q, k, v, block_sizes=blocks, **kw)
+    ref_out, ref_grads = loss_and_grads("xla", *(t.astype(jnp.float32) for t in (q, k, v)), **kw)
+    np.testing.assert_array_equal(np.asarray(out[1], np.float32), 0.0)
+    assert_close(out, ref_out, jnp.bfloat16, "output")
+    for what, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert_close(g, r, jnp.bfloat16, what)
+
+
+def test_row_max_fold_follows_the_gpu():
+    # Folded by default; kept as a subtraction only where folding spills on sm_80 (or an unknown
+    # GPU), never for fp32 inputs.
+    for_head_dim = BlockSizes.for_head_dim
+    assert for_head_dim(64, 1.5, 80).fold_row_max and for_head_dim(128, 2.0, 80).fold_row_max
+    assert not for_head_dim(32, 1.5, 80).fold_row_max and not for_head_dim(32, 2.0, None).fold_row_max
+    assert for_head_dim(32, 2.0, 90).fold_row_max and for_head_dim(64, 2.0, None).fold_row_max
+    q, k, v = make_qkv(1, 16, 16, 1, 1, 16)
+    inp = check_attention_inputs(q, k, v, mask=None, scale=None, query_seq_lengths=None, segment_ids=None,
+                                 key_value_seq_lengths=None, alpha=1.5, is_causal=False)
+    assert not make_config(inp, SMALL, None).fold_row_max  # fp32
 
 
 @pytest.mark.slow

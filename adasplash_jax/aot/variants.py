@@ -60,6 +60,8 @@ class Variant:
                 parts.append("nohist")
             if b.reload_query:
                 parts.append("reloadq")
+            if not b.fold_row_max:
+                parts.append("nofold")
         if self.features:
             parts.append("+".join(self.features))
         return "-".join(parts)

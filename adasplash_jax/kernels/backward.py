@@ -14,9 +14,9 @@ from jax.experimental import pallas as pl
 from adasplash_jax.kernels.config import KernelConfig
 from adasplash_jax.kernels.mask_info import transposed_kinds
 from adasplash_jax.kernels.specs import block_specs, call, tile_input_specs
-from adasplash_jax.kernels.tiles import (RowContext, TileInputs, alpha_of, dot, interior_query_blocks,
-                                         list_slots_below, log2_positive, powers, shifted_z, split_loop, tile_x,
-                                         x_multiplier)
+from adasplash_jax.kernels.tiles import (RowContext, TileInputs, alpha_of, dot, fold_row_max, folded_z,
+                                         interior_query_blocks, list_slots_below, log2_positive, powers, shifted_z,
+                                         split_loop, tile_x, x_multiplier)
 from adasplash_jax.tiling import active_block_lists, pad_axis, transposed_block_mask
 
 _LN2 = math.log(2.0)
@@ -123,7 +123,10 @@ def gradient_powers(cfg: KernelConfig, alpha, d, row_max, z_mult, z_shift):
     """(ẑ, p, u) of a raw score tile for the backward: p = z^c0/Σ and u = p^(2−α) = z^c1·Σ^(α−2),
     both exact zeros off the support. With ẑ = z·Σ^(1−α), formed from ``gradient_rows``' constants
     by the fma that forms z, they are p = ẑ^c0 and u = ẑ^c1: the normaliser costs nothing per entry."""
-    z_hat = shifted_z(cfg, d, row_max, z_mult, z_shift)
+    if cfg.fold_row_max:  # gradient_rows folded the row max into the constants
+        z_hat = folded_z(cfg, d, z_mult, z_shift)
+    else:
+        z_hat = shifted_z(cfg, d, row_max, z_mult, z_shift)
     p, u, _ = powers(cfg, alpha, z_hat, need_c2=False)
     return z_hat, p, u
 
@@ -136,7 +139,10 @@ def gradient_rows(cfg: KernelConfig, alpha, stats, delta):
     alpha_rows = jnp.float32(cfg.alpha_static) if cfg.alpha_static is not None else alpha[None, :, None]
     z_scale = jnp.where(norm > 0, jnp.exp((1.0 - alpha_rows) * jnp.log(jnp.where(norm > 0, norm, 1.0))), 0.0)
     delta = jnp.where(jnp.isnan(norm), jnp.nan, delta)
-    return stats["row_max"], x_multiplier(cfg, alpha_rows) * z_scale, -stats["tau"] * z_scale, delta
+    z_mult, z_shift = x_multiplier(cfg, alpha_rows) * z_scale, -stats["tau"] * z_scale
+    if cfg.fold_row_max:
+        z_mult, z_shift = fold_row_max(stats["row_max"], z_mult, z_shift)
+    return stats["row_max"], z_mult, z_shift, delta
 
 
 def backward_in_specs(cfg: KernelConfig, sp, grid_over: str, list_width: int):

@@ -44,6 +44,11 @@ class BlockSizes:
     instead of holding it across the key loop. Same instructions per tile, but a different
     register allocation: ptxas holds some kernels at 168 registers and spills when the query tile
     stays live across the loop (see ``for_head_dim``).
+
+    ``fold_row_max``: with bf16/fp16 inputs, every kernel forms z = [(d − m)·mult + shift]_+ as one
+    fma per entry, d·mult + (shift − m·mult), the row max folded into the per-row constant
+    (``KernelConfig.fold_row_max``); False keeps the subtraction d − m, one more instruction per
+    entry, but one register fewer per row of the tile (see ``for_head_dim``).
     """
 
     block_q: int = 64
@@ -57,6 +62,7 @@ class BlockSizes:
     backward_num_warps: int | None = None
     backward_num_stages: int | None = None
     reload_query: bool = False
+    fold_row_max: bool = True
 
     def solver_passes(self) -> int:
         return MAX_SOLVER_PASSES if self.n_iter is None else self.n_iter
@@ -105,13 +111,23 @@ class BlockSizes:
         158–255 registers without spills and take about half the issue slots per tile (α = 1.5: dK/dV
         4,968 → 2,608, dQ 3,504 → 1,648), while on sm_80 both reach 255 registers and spill 4 B (at d =
         128 on sm_90, 4 warps spill 8–108 B in five dK/dV variants and 36 B in the learned-α dQ).
+
+        The row max folded into z's fma (``fold_row_max``) everywhere but below sm_90 (or on an unknown
+        GPU) at d ≤ 32 (2026-12-03: folded, ptxas holds those at 128–168 registers and spills 4–16 B
+        in the d = 32 α = 1.5 and α = 2 forwards, the α = 2 τ kernel and the learned-α dQ on sm_80;
+        each row's constant then lives across the key loop). Sparsemax's d = 64 τ kernel below sm_90
+        runs at one stage: at two it spills 4–8 B on sm_80, folded or not (168 registers; one stage:
+        165–168, none).
         """
         hopper = compute_capability is not None and compute_capability >= 90
         if head_dim <= 32:
-            return cls(64, 64, 4, 2, backward_num_warps=4, backward_num_stages=1, reload_query=alpha == 2.0)
+            return cls(64, 64, 4, 2, backward_num_warps=4, backward_num_stages=1, reload_query=alpha == 2.0,
+                       fold_row_max=hopper)
         if head_dim <= 64:
             general_alpha = alpha is not None and alpha not in (1.5, 2.0)
-            return cls(64, 64, 4, 1 if general_alpha and not hopper else 2, tau_num_warps=4, tau_num_stages=2,
+            sparsemax_below_hopper = alpha == 2.0 and not hopper
+            return cls(64, 64, 4, 1 if general_alpha and not hopper else 2, tau_num_warps=4,
+                       tau_num_stages=1 if sparsemax_below_hopper else 2,
                        backward_num_warps=4 if hopper else 8, backward_num_stages=1)
         if head_dim <= 128:
             return cls(64, 64, 8, 1 if dense_inputs and not hopper else 2, tau_num_warps=4 if hopper else 8,
@@ -129,7 +145,7 @@ class BlockSizes:
             w = getattr(self, name)
             if (w is not None or name == "num_warps") and (not isinstance(w, int) or w < 1 or w & (w - 1)):
                 raise ValueError(f"`BlockSizes.{name}` must be a power of two ≥ 1, got {w!r}")
-        for name in ("histogram_start", "reload_query"):
+        for name in ("histogram_start", "reload_query", "fold_row_max"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`BlockSizes.{name}` must be a bool, got {getattr(self, name)!r}")
         for name in ("num_stages", "tau_num_stages", "backward_num_stages"):
@@ -154,6 +170,11 @@ class KernelConfig:
     adaptive: bool
     histogram_start: bool
     reload_query: bool
+    # z as d·mult + (shift − m·mult), one fma per entry (tiles.shifted_z): bf16/fp16 inputs only.
+    # Folding m rounds the row constant once, an error of ~2⁻²⁴·|m·mult| in x; scores from bf16/fp16
+    # operands carry ~2⁻⁹·|m| already, so it is lost in their rounding. fp32 inputs keep the
+    # subtraction (x exact near the max at any score magnitude).
+    fold_row_max: bool
     causal: bool
     window: tuple[int, int] | None
     scale: float
@@ -287,7 +308,7 @@ def make_config(inp: AttentionInputs, block_sizes: BlockSizes | None, interpret:
         q_len=T, kv_len=S, num_heads=N, num_kv_heads=K, head_dim=H,
         block_q=block_q, block_k=block_k, launch=tuple(bs.launch().items()),
         n_iter=bs.solver_passes(), adaptive=bs.n_iter is None, histogram_start=bs.histogram_start,
-        reload_query=bs.reload_query,
+        reload_query=bs.reload_query, fold_row_max=bs.fold_row_max and dtype != jnp.float32,
         causal=inp.is_causal, window=inp.window,
         scale=abs(inp.scale),  # kernel_inputs negates the key for a negative scale
         alpha_static=alpha_static,

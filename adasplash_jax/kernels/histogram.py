@@ -81,9 +81,19 @@ def _shift_down(counts, shift):
     return counts
 
 
-def update(hist: RowHistogram, d, tile_max, new_max, x_mult) -> RowHistogram:
+def _multiply_add(a, b, c):
+    return a * b + c
+
+
+def update(hist: RowHistogram, d, tile_max, new_max, x_mult, keep=None, fma=_multiply_add):
     """The histogram after one score tile ``d`` [block_q, block_k] (raw scores, masked entries at
-    MASKED); ``tile_max`` and ``new_max`` are the tile's and the running row max (after it)."""
+    MASKED); ``tile_max`` and ``new_max`` are the tile's and the running row max (after it).
+
+    Also returns each row's Σ (anchor − d) over the tile's kept entries (``keep``: the tile's keep
+    mask, None when every entry counts), the τ kernel's mean for the Jensen bound: relative to the
+    anchor, which never moves once set, so the sum needs no rescaling when the max grows, and the
+    offset anchor − d it sums is the one the bin index is formed from (one subtraction per entry
+    for both). ``fma(a, b, c)`` = a·b + c per entry (the kernel's single-rounding fma)."""
     valid_row = tile_max > 0.5 * MASKED
     starts = (hist.width == 0) & valid_row
 
@@ -113,22 +123,33 @@ def update(hist: RowHistogram, d, tile_max, new_max, x_mult) -> RowHistogram:
     # side, which both models' edge slack covers. Masked entries, those below the window and rows
     # without a grid (scale 0, top = BINS) clamp to k = BINS.
     magic = 2.0**23
-    k_float = ((anchor[:, None] - d) * scale[:, None] + (top + (1.5 - _ROUNDING_SHIFT))[:, None]) + magic
-    k = (lax.bitcast_convert_type(jnp.minimum(k_float, magic + 1 + BINS), jnp.int32)
-         - (int(np.float32(magic).view(np.int32)) + 1))
+    below_anchor = anchor[:, None] - d
+    kept_below = below_anchor if keep is None else jnp.where(keep, below_anchor, 0.0)
+    tile_below = jnp.sum(kept_below, axis=1)
+    k_float = fma(below_anchor, scale[:, None], (top + (1.5 - _ROUNDING_SHIFT))[:, None]) + magic
+    # The bitcast of the rounded k + 1 + 2^23, less that of 2^23 + 1: k (times the field width
+    # below, in one integer multiply-add).
+    k_bits = lax.bitcast_convert_type(jnp.minimum(k_float, magic + 1 + BINS), jnp.int32)
+    k_offset = int(np.float32(magic).view(np.int32)) + 1
     if d.shape[1] >= 256:  # a bin may get 256 entries of one tile: more than 8 bits, count per bin
+        k = k_bits - k_offset
         return RowHistogram(anchor, width, scale, top, tuple(
-            c + jnp.sum((k == i).astype(jnp.float32), axis=1) for i, c in enumerate(counts)))
+            c + jnp.sum((k == i).astype(jnp.float32), axis=1) for i, c in enumerate(counts))), tile_below
     # One packed count per entry: bin k adds 1 << (bits·k). With 7-bit fields (block_k < 128) bin
     # BINS lands in the unused top bits, where overflow only wraps; 8-bit fields need a select.
     bits = 7 if d.shape[1] < 128 else 8
-    one = jnp.left_shift(1, k * bits)
-    if bits == 8:
+    if bits == 7:
+        # (k_bits − k_offset)·7 as one multiply-add, with the constant wrapped to int32 as the
+        # product of k_bits is: their difference, 7k ∈ [0, 7·BINS], is exact.
+        wrapped = int(np.array(k_offset * bits, np.int64).astype(np.int32))
+        one = jnp.left_shift(1, k_bits * bits - wrapped)
+    else:
+        k = k_bits - k_offset
         one = jnp.where(k < BINS, jnp.left_shift(1, (k & (BINS - 1)) * bits), 0)
     packed = jnp.sum(one, axis=1)
     field = (1 << bits) - 1
     counts = tuple(c + (jnp.right_shift(packed, bits * i) & field).astype(jnp.float32) for i, c in enumerate(counts))
-    return RowHistogram(anchor, width, scale, top, counts)
+    return RowHistogram(anchor, width, scale, top, counts), tile_below
 
 
 def _model_root(power, points, lo, hi):

@@ -24,9 +24,9 @@ from adasplash_jax.kernels import histogram
 from adasplash_jax.kernels.config import MASKED, KernelConfig
 from adasplash_jax.kernels.mask_info import visible_key_blocks
 from adasplash_jax.kernels.specs import block_specs, call, tile_input_specs, visible_block_specs
-from adasplash_jax.kernels.tiles import (RowContext, TileInputs, alpha_of, diagonal_key_block, list_slots_below,
-                                         powers, query_tile, split_loop, tile_x, tile_z, wrapped_down,
-                                         x_multiplier)
+from adasplash_jax.kernels.tiles import (RowContext, TileInputs, alpha_of, diagonal_key_block, fma,
+                                         list_slots_below, powers, query_tile, split_loop, tile_x, tile_z,
+                                         wrapped_down, x_multiplier)
 from adasplash_jax.solver import TOL, no_progress, solver_step, threshold_bracket
 
 # Relative slack (x units) of the max pass's tile marks: far above float32 rounding of x.
@@ -69,10 +69,13 @@ def _threshold_kernel(
                                  lambda t, c: body(wrapped_down(diagonal, first_block, num_blocks, t), True, c), carry)
         return split_loop(num_blocks, 0, interior, body, carry, down_from=diagonal)
 
-    # Pass 1: row max m of the raw scores, Σ(d − m) for the Jensen bound (kept relative to the
-    # running max, so it stays exact at any score magnitude) and the histogram below the max;
-    # `allowed` counts the keys seen so far (a tile's count is only reduced when segments make
-    # it irregular).
+    # Pass 1: row max m of the raw scores, the row's sum for the Jensen bound and the histogram
+    # below the max; `allowed` counts the keys seen so far (a tile's count is only reduced when
+    # segments make it irregular). The sum is kept relative to a score of the row, so it stays
+    # exact at any score magnitude: with the histogram, Σ(anchor − d) below the histogram's
+    # anchor (its first valid tile's max, fixed from then on; histogram.update forms anchor − d
+    # for the bin index anyway); without, Σ(d − m) relative to the running max, rescaled as it
+    # grows.
     limit = None if cfg.irregular else row.allowed_keys().astype(jnp.float32)
 
     block_ids = jnp.arange(cfg.kv_blocks_padded, dtype=jnp.int32)
@@ -87,11 +90,14 @@ def _threshold_kernel(
         top = jnp.max(jnp.where(tile_max > 0.5 * MASKED, tile_max - new_max, MASKED))
         tile_top = jnp.where(block_ids == j, top, tile_top)
         if cfg.histogram_start:
-            hist = histogram.update(hist, d, tile_max, new_max, x_mult)
-        shifted = d - new_max[:, None]
-        if masked:
-            shifted = jnp.where(keep, shifted, 0.0)
-        row_sum = row_sum + allowed * (row_max - new_max) + jnp.sum(shifted, 1)
+            hist, tile_below = histogram.update(hist, d, tile_max, new_max, x_mult, keep if masked else None,
+                                                functools.partial(fma, cfg))
+            row_sum = row_sum + tile_below
+        else:
+            shifted = d - new_max[:, None]
+            if masked:
+                shifted = jnp.where(keep, shifted, 0.0)
+            row_sum = row_sum + allowed * (row_max - new_max) + jnp.sum(shifted, 1)
         if not masked:
             allowed = allowed + cfg.block_k
         elif limit is not None:  # the keys of a prefix [0, limit) in this tile
@@ -107,13 +113,22 @@ def _threshold_kernel(
     # τ is solved on x = (α−1)·scale·(d − m), whose max is 0, as on the dense path: (α−1)·s
     # itself loses every digit of z = x − τ once scores reach ~1e7. Rows with nothing to
     # attend to keep τ = 0, far above their masked x.
-    # A NaN or +inf score (or a NaN α: out of range) makes Σ(d − m) NaN; such rows come
-    # out NaN (the library's NaN policy), never as a masked row of zeros.
-    bad = jnp.isnan(row_sum) | jnp.isnan(x_mult)
+    # A NaN or +inf score (or a NaN α: out of range) makes the sum NaN or the max +inf; such
+    # rows come out NaN (the library's NaN policy), never as a masked row of zeros.
+    bad = jnp.isnan(row_sum) | (row_max == jnp.inf) | jnp.isnan(x_mult)
     # A row whose every score is MASKED-like (a bias of −inf over all its keys) has nothing to
     # attend to either, as on the dense path: a zero row, not a uniform one.
     has_any = (allowed > 0) & ~bad & (row_max > 0.5 * MASKED)
-    x_mean = x_mult * row_sum / jnp.maximum(allowed, 1.0)
+    if cfg.histogram_start:
+        # mean(d) − m = −(Σ(anchor − d)/n + (m − anchor)): the two terms may cancel, so the mean
+        # is lowered by a bound of their rounding (the tile sums' and the running sum's, 2⁻²⁴
+        # relative each, taken ×4): a Jensen bound a rounding above τ would cut the support.
+        n = jnp.maximum(allowed, 1.0)
+        mean_below, offset = row_sum / n, row_max - hist.anchor
+        rounding = (8.0 + n * (1.0 / cfg.block_k)) * 2.0**-22 * (jnp.abs(mean_below) + jnp.abs(offset))
+        x_mean = -x_mult * (mean_below + offset + rounding)
+    else:
+        x_mean = x_mult * row_sum / jnp.maximum(allowed, 1.0)
     lo, hi = threshold_bracket(jnp.zeros_like(row_max), allowed, alpha, row_mean=x_mean)
     if cfg.histogram_start:
         lo, hi = histogram.bracket(hist, lambda z: powers(cfg, alpha, z, need_c2=False)[0], row_max, allowed,
@@ -123,8 +138,13 @@ def _threshold_kernel(
     # The first solver pass visits the tiles whose top entry may lie above some row's lo (the
     # others hold no entry above their row's τ at any later pass). The margin covers the
     # rounding of x = (d − m)·(α−1)·scale, which the solver passes recompute per entry.
+    # With cfg.fold_row_max the passes round the row constant m·(α−1)·scale once more: the margin
+    # grows by that rounding (2⁻²⁴ relative, taken 8× over) of the block's largest.
     lowest = jnp.min(jnp.where(has_any, lo, jnp.inf))
-    first_marks = (tile_top * x_mult > lowest - _MARK_MARGIN * (1.0 + jnp.abs(lowest))).astype(jnp.int32)
+    margin = _MARK_MARGIN * (1.0 + jnp.abs(lowest))
+    if cfg.fold_row_max:
+        margin = margin + 2.0**-21 * jnp.max(jnp.where(has_any, jnp.abs(row_max * x_mult), 0.0))
+    first_marks = (tile_top * x_mult > lowest - margin).astype(jnp.int32)
 
     def pass_sums(tau, lo, j, masked, acc):
         d, _, _ = row.scores(q, k_ref, j, masked)
@@ -133,9 +153,15 @@ def _threshold_kernel(
         # The tile is active if any entry lies above lo, the bracket's lower end before this pass:
         # f(lo) ≥ 0 and the final τ never leaves the bracket, whose lower end only grows, so
         # final τ ≥ lo and this mask covers the support at the final τ. (The row's top x, from
-        # its top raw score: x is monotone in d.) Compared per row, then reduced as integers: a bad
-        # row's NaN never decides for the others (a float max would carry it in interpret mode).
-        row_above = tile_x(cfg, alpha, jnp.max(d, axis=1)[:, None], row_max)[:, 0] > lo
+        # its top raw score: x is monotone in d; with the row max folded, its top z at lo, formed
+        # as every kernel forms z, z being monotone in d and in τ.) Compared per row, then reduced
+        # as integers: a bad row's NaN never decides for the others (a float max would carry it
+        # in interpret mode).
+        top_d = jnp.max(d, axis=1)[:, None]
+        if cfg.fold_row_max:
+            row_above = tile_z(cfg, alpha, top_d, lo, row_max)[:, 0] > 0
+        else:  # (ptxas keeps d = 32 sparsemax on sm_80 in registers this way)
+            row_above = tile_x(cfg, alpha, top_d, row_max)[:, 0] > lo
         above = jnp.max(row_above.astype(jnp.int32)) > 0
         bits = jnp.where(block_ids == j, above.astype(jnp.int32), acc[3])
         visited = acc[4] + 1 if cfg.debug else acc[4]  # counted for kernels.debug only

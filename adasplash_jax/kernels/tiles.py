@@ -305,10 +305,33 @@ def fma(cfg: KernelConfig, a, b, c):
 
 
 def shifted_z(cfg: KernelConfig, d, row_max, mult, shift):
-    """[(d − m)·mult + shift]_+ of a raw score tile, one subtraction and one fma per entry; ``mult``
-    and ``shift``: scalars or per-row vectors [block_q]."""
-    as_rows = lambda t: t[:, None] if jnp.ndim(t) == 1 else t  # noqa: E731
-    return jnp.maximum(fma(cfg, d - row_max[:, None], as_rows(mult), as_rows(shift)), 0.0)
+    """[(d − m)·mult + shift]_+ of a raw score tile; ``mult`` and ``shift``: scalars or per-row
+    vectors [block_q]. ``cfg.fold_row_max``: one fma per entry, d·mult + (shift − m·mult), the row
+    constants formed once per row (a row with no score, m MASKED, gets z = 0: its m·mult would
+    not cancel); otherwise a subtraction and an fma, (d − m)·mult + shift."""
+    if cfg.fold_row_max:
+        return folded_z(cfg, d, *fold_row_max(row_max, mult, shift))
+    return jnp.maximum(fma(cfg, d - row_max[:, None], _as_rows(mult), _as_rows(shift)), 0.0)
+
+
+def _as_rows(t):
+    """A per-row vector [rows] as a column [rows, 1]; a scalar stays a scalar (one register)."""
+    return t[:, None] if jnp.ndim(t) == 1 else t
+
+
+def fold_row_max(row_max, mult, shift):
+    """``folded_z``'s constants for [(d − m)·mult + shift]_+: ``mult`` as given (a scalar stays a
+    scalar: one register, not one per row) and per row shift − m·mult; a row with no score (m
+    MASKED) gets shift 0, so its z = [MASKED·mult]_+ = 0 (its m·mult would not cancel under the fma's
+    single rounding); a NaN row stays NaN."""
+    has_scores = ~(row_max <= 0.5 * MASKED)
+    return mult, jnp.where(has_scores, shift - row_max * mult, 0.0)
+
+
+def folded_z(cfg: KernelConfig, d, mult, shift):
+    """[d·mult + shift]_+ of a raw score tile, one fma per entry (``mult``: a scalar or per row
+    [block_q]; ``shift``: per row)."""
+    return jnp.maximum(fma(cfg, d, _as_rows(mult), shift[:, None]), 0.0)
 
 
 def tile_z(cfg: KernelConfig, alpha, d, tau, row_max):
