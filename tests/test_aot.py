@@ -165,6 +165,12 @@ def test_sass_loops_counted(records, variant):
             # loop) also have innermost loops without a matmul; each must have some with one.
             assert r.sass_mma and any(lp.mma > 0 for lp in r.loops), f"{r.id}: no loop with {mma}"
             assert all(lp.instructions > lp.mma for lp in r.loops)
+            if label == "tau":
+                # The max pass's two loops (boundary, interior) hold the histogram's two lax.conds
+                # (grid start, count shift); the solver loops have no branch in them.
+                mma_loops = [lp for lp in r.loops if lp.mma > 0]
+                assert all(lp.guarded > 0 for lp in mma_loops[:2]), [lp.guarded for lp in mma_loops]
+                assert all(lp.guarded == 0 for lp in mma_loops[2:]), [lp.guarded for lp in mma_loops]
 
 
 def test_deviceless_whole_programs():
@@ -281,9 +287,20 @@ k:
         /*0060*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24 ;
         /*0070*/                   SHFL.BFLY PT, R3, R2, 0x1, 0x1f ;
         /*0080*/                   BRA `(.L_x_2) ;
-        /*0090*/                   EXIT ;
+.L_x_4:
+        /*0090*/                   FADD R2, R2, R3 ;
+        /*00a0*/               @P2 BRA `(.L_x_5) ;
+        /*00b0*/                   MUFU.EX2 R2, R2 ;
+        /*00c0*/                   FMUL R2, R2, R3 ;
+.L_x_5:
+        /*00d0*/                   FADD R4, R2, R3 ;
+        /*00e0*/                   BRA.DIV UR8, `(.L_x_6) ;
+        /*00f0*/              @!P0 BRA `(.L_x_4) ;
+        /*0100*/                   EXIT ;
+.L_x_6:
+        /*0110*/                   SHFL.BFLY PT, R3, R2, 0x1, 0x1f ;
 .L_x_3:
-        /*00a0*/                   BRA `(.L_x_3);
+        /*0120*/                   BRA `(.L_x_3);
 """
 
 
@@ -296,9 +313,13 @@ def test_parse_ptxas():
 def test_innermost_loops():
     loops = innermost_loops(SASS)
     # the loop at 0x20 lies inside the one at 0x10 (not innermost); BRA-to-self after EXIT is no loop
-    assert [(lp.start, lp.end, lp.instructions, lp.mma) for lp in loops] == [(0x20, 0x30, 2, 0), (0x60, 0x80, 3, 1)]
+    assert [(lp.start, lp.end, lp.instructions, lp.mma) for lp in loops] == [(0x20, 0x30, 2, 0), (0x60, 0x80, 3, 1),
+                                                                             (0x90, 0xf0, 7, 0)]
     assert loops[1].classes["shfl"] == 1 and loops[1].issue_slots(4) == 12
     assert loops[1].mma_flops == 2 * 64 * 64 * 16 // 4  # a warpgroup-wide HGMMA, per warp
+    # the predicated forward branch at 0xa0 jumps over two instructions (an `if` in the loop); the
+    # back edge is no such branch, nor is BRA.DIV, whose target lies outside the loop
+    assert [lp.guarded for lp in loops] == [0, 0, 2] and loops[2].unguarded == 5
 
 
 def test_missing_extra_names_it(monkeypatch):

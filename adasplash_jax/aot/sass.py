@@ -77,6 +77,7 @@ class Instruction:
     address: int
     opcode: str  # with modifiers, e.g. "HGMMA.64x64x16.F32.BF16"
     text: str
+    predicated: bool = False  # "@P0 ..." / "@!P0 ...": runs (or branches) only where the predicate holds
 
     @property
     def base(self) -> str:
@@ -86,7 +87,9 @@ class Instruction:
 @dataclasses.dataclass(frozen=True)
 class LoopStats:
     """One innermost loop: the instructions from its header to its backward branch (static count;
-    instructions under a branch inside the loop count once, as if every path ran)."""
+    instructions under a branch inside the loop count once, as if every path ran). ``guarded``:
+    how many of them a predicated forward branch inside the loop jumps over (the body of an
+    ``if``, e.g. a ``lax.cond`` in the loop), which run only on the iterations that take that path."""
 
     start: int
     end: int
@@ -94,6 +97,12 @@ class LoopStats:
     mma: int
     classes: dict  # family → count (see _CLASSES)
     mma_flops: int = 0  # per warp and iteration (see mma_flops_per_warp); × num_warps for the block
+    guarded: int = 0
+
+    @property
+    def unguarded(self) -> int:
+        """Instructions every iteration runs (those under no conditional branch of the loop)."""
+        return self.instructions - self.guarded
 
     def issue_slots(self, num_warps: int) -> int:
         """Warp instructions the loop body issues per iteration of the whole thread block."""
@@ -106,10 +115,11 @@ def parse_sass(text: str) -> list[Instruction]:
         m = _INSTR.match(line)
         if m is None:
             continue
-        body = _PRED.sub("", m.group(2).strip())
+        text = m.group(2).strip()
+        body = _PRED.sub("", text)
         if not body:
             continue
-        out.append(Instruction(int(m.group(1), 16), body.split()[0], body))
+        out.append(Instruction(int(m.group(1), 16), body.split()[0], body, predicated=body != text))
     return out
 
 
@@ -159,5 +169,20 @@ def innermost_loops(text: str) -> list[LoopStats]:
         classes = {name: sum(1 for i in body if pred(i.base)) for name, pred in _CLASSES.items()}
         flops = sum(mma_flops_per_warp(i.opcode) for i in body)
         out.append(LoopStats(start=s, end=e, instructions=len(body), mma=classes["mma"], classes=classes,
-                             mma_flops=flops))
+                             mma_flops=flops, guarded=_guarded(body, labels, e)))
     return out
+
+
+def _guarded(body, labels, end) -> int:
+    """Instructions of a loop body that some predicated forward branch inside the loop jumps over
+    (between the branch and its target, the target inside the loop), each counted once. The
+    ``else`` of an if/else, reached by an unconditional branch, is not counted: conservative."""
+    skipped = set()
+    for ins in body:
+        if ins.base != "BRA" or not ins.predicated:
+            continue
+        m = _TARGET.search(ins.text)
+        target = labels.get(m.group(1)) if m else None
+        if target is not None and ins.address < target <= end:
+            skipped.update(i.address for i in body if ins.address < i.address < target)
+    return len(skipped)
