@@ -11,7 +11,11 @@ boundary tiles (the causal diagonal: one per query or key block):
                   reach the support; then the solver passes over the *marked* tiles (each pass
                   marks the block mask, which the next pass visits): about the active tiles
                   (× --marked-over-active, measured by benchmarks/tau_passes.py --local); between
-                  them two row-level loops (the histogram models' bisections), once per query block
+                  them two row-level loops (the histogram models' bisections), once per query block.
+                  The max pass's one branch, the histogram's grid start (SASS: the instructions a
+                  predicated forward branch in the loop jumps over), runs on a query block's first
+                  tile only (benchmarks/tau_passes.py counts it): charged once per query block, or
+                  on every tile with --static-branches (the static count)
     forward       one pass over the *active* tiles (those holding a non-zero probability)
     dK/dV, dQ     one pass each over the active tiles
 
@@ -95,10 +99,11 @@ ADASPLASH2_PUBLISHED = [(4096, 0.51, 3.1, 3.3), (8192, 0.58, 11, 11), (16384, 0.
 @dataclasses.dataclass
 class KernelCost:
     label: str
-    loops: list  # (instructions, mma FLOPs per warp) per innermost loop
+    loops: list  # (instructions, mma FLOPs per warp) per innermost loop and iteration
     num_warps: int
     block_q: int
     block_k: int
+    once_per_program: int = 0  # instructions per warp run once per program (grid step), not per tile
 
     def slots_per_64x64(self, passes) -> float:
         scale = 64 * 64 / (self.block_q * self.block_k)
@@ -112,7 +117,12 @@ def tile_counts(L: int, bq: int, bk: int, causal: bool) -> int:
     return sum(min(nk, math.ceil(min(L, (i + 1) * bq) / bk)) for i in range(nq))
 
 
-def profiles(records, head_dim: int) -> dict:
+def profiles(records, head_dim: int, static_branches: bool = False) -> dict:
+    """KernelCost per kernel label. The τ kernel's max-pass loops (its first two with a matmul) hold
+    one branch, the histogram's grid start, taken on a query block's first tile only
+    (benchmarks/tau_passes.py counts it: one per query block): its guarded instructions are charged
+    once per program, both loops' together, unless ``static_branches`` (every iteration, as the
+    SASS's static count). Other kernels' guarded instructions are charged on every iteration."""
     bs = adasplash_jax.BlockSizes.for_head_dim(head_dim)
     out = {}
     for r in records:
@@ -120,8 +130,14 @@ def profiles(records, head_dim: int) -> dict:
             continue
         if r.error:
             raise RuntimeError(f"{r.id}: {r.error}")
-        out[r.label] = KernelCost(r.label, [(lp.instructions, lp.mma_flops) for lp in r.loops], r.num_warps,
-                                  bs.block_q, bs.block_k)
+        loops, once, mma_loops = [], 0, 0
+        for lp in r.loops:
+            n = lp.instructions
+            if r.label == "tau" and lp.mma_flops and mma_loops < 2 and not static_branches:
+                n, once = lp.unguarded, once + lp.guarded
+            mma_loops += bool(lp.mma_flops)
+            loops.append((n, lp.mma_flops))
+        out[r.label] = KernelCost(r.label, loops, r.num_warps, bs.block_q, bs.block_k, once)
     return out
 
 
@@ -158,8 +174,14 @@ def interior_slots_per_64x64(k: KernelCost, solver_passes: int = 1, solver_fract
     return k.slots_per_64x64(visits)
 
 
-def kernel_time(gpu: Gpu, k: KernelCost, visits, bytes_moved: float):
-    slots = sum(n * lp[0] for n, lp in zip(visits, k.loops)) * k.num_warps
+def issue_slots(k: KernelCost, visits, programs: int) -> float:
+    """Warp instructions of one call: each loop's per-iteration count × its visits, plus the
+    once-per-program instructions."""
+    return (sum(n * lp[0] for n, lp in zip(visits, k.loops)) + programs * k.once_per_program) * k.num_warps
+
+
+def kernel_time(gpu: Gpu, k: KernelCost, visits, bytes_moved: float, programs: int):
+    slots = issue_slots(k, visits, programs)
     flops = sum(n * lp[1] for n, lp in zip(visits, k.loops)) * k.num_warps
     issue = slots / (gpu.issue_per_cycle * gpu.sms * gpu.clock_hz)
     tensor = flops / gpu.peak_flops
@@ -183,16 +205,16 @@ def estimate(gpu: Gpu, prof: dict, *, L: int, d: int, bh: int, causal: bool, spa
         return loop_visits(prof[name], tiles=tiles, boundary=boundary, programs=programs, solver_passes=solver_passes,
                            solver_tiles=marked)
 
-    t_tau, _ = kernel_time(gpu, tau, visits("tau", visible, nq), 2 * x)
+    t_tau, _ = kernel_time(gpu, tau, visits("tau", visible, nq), 2 * x, nq)
     t_fwd, _ = kernel_time(gpu, prof["forward+res"], visits("forward+res", active, nq),
-                           3 * x + x + 2 * x)  # q, k, v in; O (bf16) and Õ (fp32) out
-    t_fwd_inf, _ = kernel_time(gpu, prof["forward"], visits("forward", active, nq), 4 * x)
-    t_dkdv, _ = kernel_time(gpu, prof["dkdv"], visits("dkdv", active, nk), 6 * x)
-    t_dq, _ = kernel_time(gpu, prof["dq"], visits("dq", active, nq), 5 * x)
+                           3 * x + x + 2 * x, nq)  # q, k, v in; O (bf16) and Õ (fp32) out
+    t_fwd_inf, _ = kernel_time(gpu, prof["forward"], visits("forward", active, nq), 4 * x, nq)
+    t_dkdv, _ = kernel_time(gpu, prof["dkdv"], visits("dkdv", active, nk), 6 * x, nk)
+    t_dq, _ = kernel_time(gpu, prof["dq"], visits("dq", active, nq), 5 * x, nq)
     fa2_tile_flops = 2 * tau.block_q * tau.block_k * d
     fa2_fwd = 2 * fa2_tile_flops * visible / (gpu.fa2_efficiency * gpu.peak_flops)
     fa2_bwd = 5 * fa2_tile_flops * visible / (gpu.fa2_efficiency * gpu.peak_flops)
-    tau_slots = sum(n * lp[0] for n, lp in zip(visits("tau", visible, nq), tau.loops)) * tau.num_warps
+    tau_slots = issue_slots(tau, visits("tau", visible, nq), nq)
     tau_slots_per_visible = tau_slots * 64 * 64 / (tau.block_q * tau.block_k) / visible
     return dict(tau=t_tau, forward=t_tau + t_fwd_inf, fwd_train=t_tau + t_fwd, backward=t_dkdv + t_dq,
                 fa2_fwd=fa2_fwd, fa2_bwd=fa2_bwd, visible=visible, active=active,
@@ -259,6 +281,9 @@ def main(argv=None) -> int:
     ap.add_argument("--marked-over-active", type=float, default=MARKED_OVER_ACTIVE,
                     help="tiles each τ solver pass visits per active tile (default: benchmarks/tau_passes.py "
                          "--local's measurement)")
+    ap.add_argument("--static-branches", action="store_true",
+                    help="charge the instructions under the τ max pass's branch (the histogram's grid start, "
+                         "taken once per query block) on every tile, as the SASS's static count does")
     ap.add_argument("--batch-heads", type=int, default=16, help="batch × heads (times scale with it)")
     ap.add_argument("--full", action="store_true", help="non-causal instead of causal")
     ap.add_argument("--input-scales", type=float, nargs="+", default=[1.0, 4.0], help="GPU timing only")
@@ -285,8 +310,13 @@ def main(argv=None) -> int:
     print(f"  FlashAttention-2 at {gpu.fa2_efficiency:.0%} of peak ({gpu.fa2_source}); 2 + 5 matmuls per visible tile")
     print("  kernel time = max(issue, tensor, memory), fully overlapped within a kernel; kernels back to back;")
     print("  compulsory HBM traffic only; no wave quantisation, launch gaps or index-list build")
+    if args.static_branches:
+        print("  τ max pass: its branch (the histogram's grid start) charged on every tile (static SASS count)")
+    else:
+        print("  τ max pass: the instructions under its one branch (the histogram's grid start, taken on a query "
+              "block's first tile) charged once per query block")
     print()
-    profs = {d: profiles(records, d) for d in args.head_dims}
+    profs = {d: profiles(records, d, args.static_branches) for d in args.head_dims}
 
     print("Per kernel (compiled SASS): instructions / MMA FLOPs per warp per innermost-loop iteration; "
           "issue slots per 64×64 tile")
@@ -294,6 +324,8 @@ def main(argv=None) -> int:
         for label, k in prof.items():
             slots = interior_slots_per_64x64(k, n_iter if label == "tau" else 1)  # τ: at 0% sparsity
             loops = " ".join(f"{i}/{f}" for i, f in k.loops)
+            if k.once_per_program:
+                loops += f" + {k.once_per_program} once per program"
             ref = ADASPLASH2_SLOTS.get(label.replace("+res", "")) if d == 64 else None
             cmp = f"  AdaSplash-2 {ref:,} ({slots / ref:.2f}×)" if ref else ""
             print(f"  d={d:<3} {label:<11} {k.num_warps} warps, tile {k.block_q}×{k.block_k}: loops {loops};"

@@ -11,7 +11,10 @@ hardware). Rows: causal; queries and keys with normal entries, the queries scale
 temperature; with ``--local`` the keys are an AR(1) sequence (correlation 0.98 from one position
 to the next) and each query a scaled copy of its own key plus noise, so attention is local and
 tiles far from the diagonal are inactive. Also prints the largest difference of the output from
-the dense path, so fewer passes are never bought with accuracy.
+the dense path, so fewer passes are never bought with accuracy, and the fraction of max-pass tiles
+on which the histogram started a row's grid (the max pass's one branch: histogram.grid_started;
+about one tile per query block), which benchmarks/kernel_cost.py charges the branch's
+instructions at (its --branch-rate).
 
     python benchmarks/tau_passes.py            # L = 512, head dim 64: ~4 min on 2 CPU cores
     python benchmarks/tau_passes.py --local --length 1024
@@ -42,7 +45,8 @@ def passes_and_error(q, k, v, alpha, block_sizes):
     solver_tiles = float(np.sum(visits["tau_solver"]))
     per_visible = solver_tiles / float(np.sum(visits["tau"]))
     per_active = solver_tiles / float(np.sum(passes * np.asarray(visits["block_mask"]).sum(-1)))
-    return passes, per_visible, per_active, float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref)))
+    branch_rate = float(np.sum(visits["tau_grid_starts"])) / float(np.sum(visits["tau"]))
+    return passes, per_visible, per_active, branch_rate, float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref)))
 
 
 def inputs(rng, L, N, H, scale, local):
@@ -76,17 +80,17 @@ def main():
           f"{N} heads, float32, {'local' if args.local else 'normal'} inputs, backend {jax.default_backend()}")
     print("| α | query scale | passes, analytic start (mean / max) | passes, histogram start (mean / max) "
           "| ratio of means | solver tiles per visible tile | marked / active per pass "
-          "| max |out − dense|, analytic / histogram |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| max-pass tiles with a grid start | max |out − dense|, analytic / histogram |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for alpha in (float(a) for a in args.alphas.split(",")):
         for scale in (float(s) for s in args.scales.split(",")):
             q, k, v = inputs(rng, L, N, H, scale, args.local)
-            without, _, _, err_without = passes_and_error(q, k, v, alpha,
-                                                          dataclasses.replace(base, histogram_start=False))
-            with_hist, per_visible, per_active, err_with = passes_and_error(q, k, v, alpha, base)
+            without, _, _, _, err_without = passes_and_error(q, k, v, alpha,
+                                                             dataclasses.replace(base, histogram_start=False))
+            with_hist, per_visible, per_active, branch_rate, err_with = passes_and_error(q, k, v, alpha, base)
             print(f"| {alpha:g} | {scale:g} | {without.mean():.2f} / {without.max()} | {with_hist.mean():.2f} / "
                   f"{with_hist.max()} | {with_hist.mean() / without.mean():.2f} | {per_visible:.2f} | "
-                  f"{per_active:.2f} | {err_without:.1e} / {err_with:.1e} |", flush=True)
+                  f"{per_active:.2f} | {branch_rate:.3f} | {err_without:.1e} / {err_with:.1e} |", flush=True)
     print("τ tile visits per visible tile = 1 (the max pass) + the solver tiles above (histogram start).")
 
 

@@ -266,3 +266,32 @@ def test_histogram_start_saves_passes_on_attention_like_rows(alpha):
                                          query_seq_lengths=None, key_value_seq_lengths=None, segment_ids=None)
             totals[i] += np.asarray(tile_visits(inp, jnp.zeros_like(q), block_sizes=bs)["tau_passes"]).sum()
     assert totals[0] < totals[1], totals
+
+
+def test_grid_starts_once_per_query_block_unless_rows_first_see_keys_later():
+    """The max pass's one branch (a row's grid start, which benchmarks/kernel_cost.py charges once per
+    query block) runs on the tiles where some row of the block sees its first valid key: causal
+    rows all see their diagonal tile, visited first, so once per block; with segments, a block whose
+    rows' segments lie in two key tiles starts twice, in whatever order the tiles come."""
+    rng = np.random.default_rng(5)
+    L, block = 64, 16
+    q, k, v = (jnp.asarray(rng.normal(size=(1, L, 1, 16)), jnp.float32) for _ in range(3))
+    bs = BlockSizes(block, block)
+
+    def grid_starts(is_causal, segment_ids):
+        inp = check_attention_inputs(q, k, v, alpha=1.5, mask=None, is_causal=is_causal, scale=None,
+                                     query_seq_lengths=None, key_value_seq_lengths=None, segment_ids=segment_ids)
+        visits = tile_visits(inp, jnp.zeros_like(q), block_sizes=bs)
+        return np.asarray(visits["tau_grid_starts"])[0, 0], np.asarray(visits["tau"])[0, 0]
+
+    starts, visited = grid_starts(True, None)
+    np.testing.assert_array_equal(starts, np.ones(L // block))
+    np.testing.assert_array_equal(visited, np.arange(1, L // block + 1))
+    # Keys: one segment per key tile (0, 1, 2, 3). Queries: block 1 half in segment 0, half in 3;
+    # every other query block in the segment of its own key tile.
+    kv_seg = np.repeat(np.arange(L // block), block)
+    q_seg = kv_seg.copy()
+    q_seg[block:block + block // 2] = 0
+    q_seg[block + block // 2:2 * block] = 3
+    starts, _ = grid_starts(False, (jnp.asarray(q_seg[None], jnp.int32), jnp.asarray(kv_seg[None], jnp.int32)))
+    np.testing.assert_array_equal(starts, [1, 2, 1, 1])

@@ -40,7 +40,7 @@ BISECTIONS = 12
 # above the anchor (a max ~1,400 first-tile spreads above the first tile's) the histogram is not
 # used and the solver starts from the analytic bracket.
 _MAX_TOP = 2.0**12
-# Entries within this fraction of a bin of an edge may be counted in the bin across it (see update).
+# The running max's grid index is raised by this fraction of a bin (see update).
 _ROUNDING_SHIFT = 2.0**-10
 # Slack on the bin edges (relative to the width), well above that and the rounding of u.
 _EDGE_SLACK = 2.0**-6
@@ -72,7 +72,7 @@ def _any(flags):
 
 def _shift_down(counts, shift):
     """counts[k] ← counts[k − shift] (0 below), for a per-row shift ≥ 0, in log2(BINS) + 1 steps."""
-    shift = jnp.minimum(shift, BINS).astype(jnp.int32)
+    shift = jnp.clip(shift, 0, BINS).astype(jnp.int32)
     step = 1
     while step <= BINS:
         moved = (shift & step) != 0
@@ -81,11 +81,11 @@ def _shift_down(counts, shift):
     return counts
 
 
-def _multiply_add(a, b, c):
-    return a * b + c
+def _ceil_multiply_add(a, b, c):
+    return jnp.ceil(a * b) + c
 
 
-def update(hist: RowHistogram, d, tile_max, new_max, x_mult, keep=None, fma=_multiply_add):
+def update(hist: RowHistogram, d, tile_max, new_max, x_mult, keep=None, ceil_fma=_ceil_multiply_add):
     """The histogram after one score tile ``d`` [block_q, block_k] (raw scores, masked entries at
     MASKED); ``tile_max`` and ``new_max`` are the tile's and the running row max (after it).
 
@@ -93,7 +93,8 @@ def update(hist: RowHistogram, d, tile_max, new_max, x_mult, keep=None, fma=_mul
     mask, None when every entry counts), the τ kernel's mean for the Jensen bound: relative to the
     anchor, which never moves once set, so the sum needs no rescaling when the max grows, and the
     offset anchor − d it sums is the one the bin index is formed from (one subtraction per entry
-    for both). ``fma(a, b, c)`` = a·b + c per entry (the kernel's single-rounding fma)."""
+    for both). ``ceil_fma(a, b, c)`` = ⌈a·b⌉ + c per entry for an integer c in [2^23, 2^24) (the
+    kernel's fma rounded up, tiles.ceil_fma)."""
     valid_row = tile_max > 0.5 * MASKED
     starts = (hist.width == 0) & valid_row
 
@@ -109,28 +110,31 @@ def update(hist: RowHistogram, d, tile_max, new_max, x_mult, keep=None, fma=_mul
                 jnp.where(starts, x_mult / width, hist.scale))
 
     anchor, width, scale = lax.cond(_any(starts), start_grid, lambda: (hist.anchor, hist.width, hist.scale))
-    # The max's bin, with the same ε as the entries below (so k ≥ 0 even for a max within ε of
-    # the next edge, which is then counted in bin 0 of the next window).
+    # The max's bin, raised by ε, far above this product's rounding: top ≥ floor(u) of the max as
+    # the entries' fma forms it, so every k ≥ 0 (a max within ε below an edge makes top the bin
+    # above, where the max counts in bin 1).
     top = jnp.where(width > 0, jnp.floor((new_max - anchor) * scale + _ROUNDING_SHIFT), float(BINS))
-    # A row that just started has no counts yet: any shift leaves them zero.
-    counts = lax.cond(_any(top > hist.top), lambda: _shift_down(hist.counts, top - hist.top), lambda: hist.counts)
-    # Bin of each entry: k = top − floor(u), u = (d − anchor)·scale its grid position. It is read
-    # off the float (top + 3/2 − ε − u) + 2^23, whose rounding to an integer is k + 1 ≥ 1
-    # (u < top + 1 − ε) and whose low mantissa bits then hold it: cheaper than a float → int
-    # conversion (which Triton clamps to the int32 range first); the sum stays above 2^23 + 1/2,
-    # where floats are integers. ε = 2^-10 keeps an entry exactly on an edge (the anchor itself)
-    # in its bin, at the price of entries within ε of an edge landing in the bin on its other
-    # side, which both models' edge slack covers. Masked entries, those below the window and rows
-    # without a grid (scale 0, top = BINS) clamp to k = BINS.
+    # A row that just started has no counts yet: any shift leaves them zero. No branch: at
+    # attention-like scores some row of the block moves its max up a bin on most tiles (44–96% of
+    # the max pass's tiles at L = 2048, query scales 0.3–3, α = 1.5: benchmarks/tau_passes.py with
+    # the shift under a lax.cond), where a branch would add its block-wide vote and run anyway.
+    counts = _shift_down(hist.counts, top - hist.top)
+    # Bin of each entry: k = top − floor(u) = top + ⌈(anchor − d)·scale⌉, u = (d − anchor)·scale its
+    # grid position, read off 2^23 + top + ⌈(anchor − d)·scale⌉: one fma rounded up (on the GPU
+    # exact but for the rounding of anchor − d: the result lies in [2^23, 2^24), where floats are
+    # the integers), whose low mantissa bits hold k: cheaper than a float → int conversion (which
+    # Triton clamps to the int32 range first). An entry exactly on an edge (the anchor itself)
+    # stays in its bin; k ≥ 0 as top ≥ floor(u) of the max. Masked entries, those below the window
+    # and rows without a grid (scale 0, top = BINS) clamp to k = BINS.
     magic = 2.0**23
     below_anchor = anchor[:, None] - d
     kept_below = below_anchor if keep is None else jnp.where(keep, below_anchor, 0.0)
     tile_below = jnp.sum(kept_below, axis=1)
-    k_float = fma(below_anchor, scale[:, None], (top + (1.5 - _ROUNDING_SHIFT))[:, None]) + magic
-    # The bitcast of the rounded k + 1 + 2^23, less that of 2^23 + 1: k (times the field width
-    # below, in one integer multiply-add).
-    k_bits = lax.bitcast_convert_type(jnp.minimum(k_float, magic + 1 + BINS), jnp.int32)
-    k_offset = int(np.float32(magic).view(np.int32)) + 1
+    k_float = ceil_fma(below_anchor, scale[:, None], (top + magic)[:, None])
+    # The bitcast of the rounded k + 2^23, less that of 2^23: k (times the field width below, in
+    # one integer multiply-add).
+    k_bits = lax.bitcast_convert_type(jnp.minimum(k_float, magic + BINS), jnp.int32)
+    k_offset = int(np.float32(magic).view(np.int32))
     if d.shape[1] >= 256:  # a bin may get 256 entries of one tile: more than 8 bits, count per bin
         k = k_bits - k_offset
         return RowHistogram(anchor, width, scale, top, tuple(
@@ -150,6 +154,13 @@ def update(hist: RowHistogram, d, tile_max, new_max, x_mult, keep=None, fma=_mul
     field = (1 << bits) - 1
     counts = tuple(c + (jnp.right_shift(packed, bits * i) & field).astype(jnp.float32) for i, c in enumerate(counts))
     return RowHistogram(anchor, width, scale, top, counts), tile_below
+
+
+def grid_started(old: RowHistogram, new: RowHistogram):
+    """Whether ``update`` from ``old`` to ``new`` started a row's grid (its one branch, taken on a
+    block's first tile with a valid row): a scalar flag, for the debug count of how often a tile
+    pays for it."""
+    return _any((old.width == 0) & (new.width > 0))
 
 
 def _model_root(power, points, lo, hi):

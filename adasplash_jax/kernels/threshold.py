@@ -24,7 +24,7 @@ from adasplash_jax.kernels import histogram
 from adasplash_jax.kernels.config import MASKED, KernelConfig
 from adasplash_jax.kernels.mask_info import visible_key_blocks
 from adasplash_jax.kernels.specs import block_specs, call, tile_input_specs, visible_block_specs
-from adasplash_jax.kernels.tiles import (RowContext, TileInputs, alpha_of, diagonal_key_block, fma,
+from adasplash_jax.kernels.tiles import (RowContext, TileInputs, alpha_of, ceil_fma, diagonal_key_block,
                                          list_slots_below, powers, query_tile, split_loop, tile_x, tile_z,
                                          wrapped_down, x_multiplier)
 from adasplash_jax.solver import TOL, no_progress, solver_step, threshold_bracket
@@ -81,7 +81,7 @@ def _threshold_kernel(
     block_ids = jnp.arange(cfg.kv_blocks_padded, dtype=jnp.int32)
 
     def max_pass(j, masked, carry):
-        row_max, row_sum, allowed, hist, tile_top = carry
+        row_max, row_sum, allowed, hist, tile_top, grid_starts = carry
         d, keep, _ = row.scores(q, k_ref, j, masked)
         tile_max = jnp.max(d, axis=1)
         new_max = jnp.maximum(row_max, tile_max)
@@ -90,9 +90,12 @@ def _threshold_kernel(
         top = jnp.max(jnp.where(tile_max > 0.5 * MASKED, tile_max - new_max, MASKED))
         tile_top = jnp.where(block_ids == j, top, tile_top)
         if cfg.histogram_start:
+            old_hist = hist
             hist, tile_below = histogram.update(hist, d, tile_max, new_max, x_mult, keep if masked else None,
-                                                functools.partial(fma, cfg))
+                                                functools.partial(ceil_fma, cfg))
             row_sum = row_sum + tile_below
+            if cfg.debug:  # counted for kernels.debug only
+                grid_starts = grid_starts + histogram.grid_started(old_hist, hist).astype(jnp.int32)
         else:
             shifted = d - new_max[:, None]
             if masked:
@@ -104,12 +107,12 @@ def _threshold_kernel(
             allowed = allowed + jnp.clip(limit - (j * cfg.block_k).astype(jnp.float32), 0.0, float(cfg.block_k))
         else:
             allowed = allowed + jnp.sum(keep.astype(jnp.float32), axis=1)
-        return new_max, row_sum, allowed, hist, tile_top
+        return new_max, row_sum, allowed, hist, tile_top, grid_starts
 
     zero = jnp.zeros((cfg.block_q,), jnp.float32)
     init = (jnp.full((cfg.block_q,), MASKED, jnp.float32), zero, zero, histogram.RowHistogram.empty(cfg.block_q),
-            jnp.full((cfg.kv_blocks_padded,), MASKED, jnp.float32))
-    row_max, row_sum, allowed, hist, tile_top = key_blocks_from_diagonal(max_pass, init)
+            jnp.full((cfg.kv_blocks_padded,), MASKED, jnp.float32), jnp.int32(0))
+    row_max, row_sum, allowed, hist, tile_top, grid_starts = key_blocks_from_diagonal(max_pass, init)
     # τ is solved on x = (α−1)·scale·(d − m), whose max is 0, as on the dense path: (α−1)·s
     # itself loses every digit of z = x − τ once scores reach ~1e7. Rows with nothing to
     # attend to keep τ = 0, far above their masked x.
@@ -231,15 +234,18 @@ def _threshold_kernel(
     row_max_ref[...] = jnp.where(bad, jnp.nan, row_max)
     allowed_ref[...] = allowed
     block_mask_ref[...] = bits
-    if cfg.debug:  # key blocks the max pass visits, the solver passes made after it and their tile visits
+    if cfg.debug:  # key blocks the max pass visits, the solver passes made after it and their tile visits,
+        # and the max pass's tiles on which the histogram started a grid (its one branch)
         debug_refs[0][...] = visible_slots[1] - visible_slots[0] if visible is not None else num_blocks - first_block
         debug_refs[1][...] = passes
         debug_refs[2][...] = visited
+        debug_refs[3][...] = grid_starts
 
 
 def thresholds(cfg: KernelConfig, alpha, q_len, kv_len, q, k, tile_inputs: TileInputs):
     """τ, the row max and allowed count per row, and the block mask (plus, with cfg.debug, per query
-    block: the key blocks the max pass visits, the solver passes made and the tiles they visited)."""
+    block: the key blocks the max pass visits, the solver passes made, the tiles they visited and
+    the max-pass tiles on which the histogram started a row's grid)."""
     B, N = q.shape[0], cfg.num_heads
     sp = block_specs(cfg, "q")
     f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
@@ -252,8 +258,8 @@ def thresholds(cfg: KernelConfig, alpha, q_len, kv_len, q, k, tile_inputs: TileI
     out_specs = [sp["row"]] * 3 + [sp["block_list"](cfg.kv_blocks_padded)]
     out_shape = [row_shape] * 3 + [jax.ShapeDtypeStruct((B, N, cfg.num_q_blocks, cfg.kv_blocks_padded), jnp.int32)]
     if cfg.debug:
-        out_specs += [sp["block_scalar"]] * 3
-        out_shape += [jax.ShapeDtypeStruct((B, N, cfg.num_q_blocks), jnp.int32)] * 3
+        out_specs += [sp["block_scalar"]] * 4
+        out_shape += [jax.ShapeDtypeStruct((B, N, cfg.num_q_blocks), jnp.int32)] * 4
     outs = call(
         functools.partial(_threshold_kernel, cfg=cfg),
         cfg,

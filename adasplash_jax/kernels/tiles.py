@@ -304,6 +304,19 @@ def fma(cfg: KernelConfig, a, b, c):
     return y
 
 
+def ceil_fma(cfg: KernelConfig, a, b, c):
+    """⌈a·b⌉ + c per entry for an integer-valued ``c`` (per row [rows, 1]) with the result in [2^23, 2^24):
+    one fma.rp.f32 on the GPU (a·b + c rounded up, exact there: those floats are the integers);
+    ⌈a·b⌉ + c in interpret mode (a·b rounded first, an ulp of it apart at most)."""
+    if cfg.interpret:
+        return jnp.ceil(a * b) + c
+    [y] = plgpu.elementwise_inline_asm(
+        "fma.rp.f32 $0, $1, $2, $3;", args=[a] + [jnp.broadcast_to(t, a.shape).astype(a.dtype) for t in (b, c)],
+        constraints="=f,f,f,f", pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, a.dtype)],
+    )
+    return y
+
+
 def shifted_z(cfg: KernelConfig, d, row_max, mult, shift):
     """[(d − m)·mult + shift]_+ of a raw score tile; ``mult`` and ``shift``: scalars or per-row
     vectors [block_q]. ``cfg.fold_row_max``: one fma per entry, d·mult + (shift − m·mult), the row
