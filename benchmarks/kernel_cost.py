@@ -11,7 +11,9 @@ boundary tiles (the causal diagonal: one per query or key block):
                   reach the support; then the solver passes over the *marked* tiles (each pass
                   marks the block mask, which the next pass visits): about the active tiles
                   (× --marked-over-active, measured by benchmarks/tau_passes.py --local); between
-                  them two row-level loops (the histogram models' bisections), once per query block.
+                  them two row-level loops (the histogram models' bisections, 12 steps each: fewer
+                  machine iterations where ptxas unrolled them, read off the loop counter's step),
+                  once per query block.
                   The max pass's one branch, the histogram's grid start (SASS: the instructions a
                   predicated forward branch in the loop jumps over), runs on a query block's first
                   tile only (benchmarks/tau_passes.py counts it): charged once per query block, or
@@ -99,7 +101,7 @@ ADASPLASH2_PUBLISHED = [(4096, 0.51, 3.1, 3.3), (8192, 0.58, 11, 11), (16384, 0.
 @dataclasses.dataclass
 class KernelCost:
     label: str
-    loops: list  # (instructions, mma FLOPs per warp) per innermost loop and iteration
+    loops: list  # (instructions, mma FLOPs per warp, source iterations) per innermost loop and iteration
     num_warps: int
     block_q: int
     block_k: int
@@ -136,7 +138,7 @@ def profiles(records, head_dim: int, static_branches: bool = False) -> dict:
             if r.label == "tau" and lp.mma_flops and mma_loops < 2 and not static_branches:
                 n, once = lp.unguarded, once + lp.guarded
             mma_loops += bool(lp.mma_flops)
-            loops.append((n, lp.mma_flops))
+            loops.append((n, lp.mma_flops, lp.unroll))
         out[r.label] = KernelCost(r.label, loops, r.num_warps, bs.block_q, bs.block_k, once)
     return out
 
@@ -145,15 +147,16 @@ def loop_visits(k: KernelCost, *, tiles: int, boundary: int, programs: int, solv
                 solver_tiles: float | None = None):
     """Iterations of each of a kernel's loops in one call: a pass is an interior loop (``tiles −
     boundary`` visits) and a boundary loop (``boundary``); the τ kernel's loops without matmuls
-    (the histogram models' bisections) run ``BISECTIONS`` times per program; its first pass (max +
+    (the histogram models' bisections) run ``BISECTIONS`` source iterations per program (fewer machine
+    iterations where ptxas unrolled them: ``BISECTIONS / unroll``, rounded up); its first pass (max +
     histogram, boundary loop first) runs once over ``tiles`` and its second (the solver's)
     ``solver_passes`` times over ``solver_tiles`` (default: all ``tiles``)."""
     from adasplash_jax.kernels.histogram import BISECTIONS
 
     visits, mma_pass = [], 0
-    for _, flops in k.loops:
+    for _, flops, unroll in k.loops:
         if flops == 0:
-            visits.append(BISECTIONS * programs)
+            visits.append(-(-BISECTIONS // unroll) * programs)
             continue
         if k.label != "tau":
             visits.append((tiles - boundary) if mma_pass % 2 == 0 else boundary)
@@ -323,7 +326,7 @@ def main(argv=None) -> int:
     for d, prof in profs.items():
         for label, k in prof.items():
             slots = interior_slots_per_64x64(k, n_iter if label == "tau" else 1)  # τ: at 0% sparsity
-            loops = " ".join(f"{i}/{f}" for i, f in k.loops)
+            loops = " ".join(f"{i}/{f}" + (f" (×{u} unrolled)" if u > 1 else "") for i, f, u in k.loops)
             if k.once_per_program:
                 loops += f" + {k.once_per_program} once per program"
             ref = ADASPLASH2_SLOTS.get(label.replace("+res", "")) if d == 64 else None

@@ -165,6 +165,8 @@ def test_sass_loops_counted(records, variant):
             # loop) also have innermost loops without a matmul; each must have some with one.
             assert r.sass_mma and any(lp.mma > 0 for lp in r.loops), f"{r.id}: no loop with {mma}"
             assert all(lp.instructions > lp.mma for lp in r.loops)
+            # benchmarks/kernel_cost.py counts one tile per iteration of a loop with a matmul
+            assert all(lp.unroll == 1 for lp in r.loops if lp.mma > 0), [lp.unroll for lp in r.loops]
             if label == "tau":
                 # The max pass's two loops (boundary, interior) hold the histogram's two lax.conds
                 # (grid start, count shift); the solver loops have no branch in them.
@@ -293,14 +295,16 @@ k:
         /*00b0*/                   MUFU.EX2 R2, R2 ;
         /*00c0*/                   FMUL R2, R2, R3 ;
 .L_x_5:
-        /*00d0*/                   FADD R4, R2, R3 ;
+        /*00d0*/                   VIADD R9, R9, 0x6 ;
         /*00e0*/                   BRA.DIV UR8, `(.L_x_6) ;
-        /*00f0*/              @!P0 BRA `(.L_x_4) ;
-        /*0100*/                   EXIT ;
+        /*00f0*/                   ISETP.GT.AND P0, PT, R9, 0xb, PT ;
+        /*0100*/              @!P0 BRA `(.L_x_4) ;
+        /*0110*/                   EXIT ;
 .L_x_6:
-        /*0110*/                   SHFL.BFLY PT, R3, R2, 0x1, 0x1f ;
+        /*0120*/                   SHFL.BFLY PT, R3, R2, 0x1, 0x1f ;
+        /*0130*/                   BRA `(.L_x_5) ;
 .L_x_3:
-        /*0120*/                   BRA `(.L_x_3);
+        /*0140*/                   BRA `(.L_x_3);
 """
 
 
@@ -312,14 +316,18 @@ def test_parse_ptxas():
 
 def test_innermost_loops():
     loops = innermost_loops(SASS)
-    # the loop at 0x20 lies inside the one at 0x10 (not innermost); BRA-to-self after EXIT is no loop
+    # the loop at 0x20 lies inside the one at 0x10 (not innermost); BRA-to-self after EXIT is no loop,
+    # nor is the divergent path after EXIT (0x120) branching back into the loop at 0x90
     assert [(lp.start, lp.end, lp.instructions, lp.mma) for lp in loops] == [(0x20, 0x30, 2, 0), (0x60, 0x80, 3, 1),
-                                                                             (0x90, 0xf0, 7, 0)]
+                                                                             (0x90, 0x100, 8, 0)]
     assert loops[1].classes["shfl"] == 1 and loops[1].issue_slots(4) == 12
     assert loops[1].mma_flops == 2 * 64 * 64 * 16 // 4  # a warpgroup-wide HGMMA, per warp
     # the predicated forward branch at 0xa0 jumps over two instructions (an `if` in the loop); the
     # back edge is no such branch, nor is BRA.DIV, whose target lies outside the loop
-    assert [lp.guarded for lp in loops] == [0, 0, 2] and loops[2].unguarded == 5
+    assert [lp.guarded for lp in loops] == [0, 0, 2] and loops[2].unguarded == 6
+    # its counter R9, which the back edge's predicate tests, steps by 6: six source iterations per
+    # machine iteration (a constant-trip loop ptxas unrolled); the others have no counter found
+    assert [lp.unroll for lp in loops] == [1, 1, 6]
 
 
 def test_missing_extra_names_it(monkeypatch):

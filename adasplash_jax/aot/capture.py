@@ -337,8 +337,8 @@ def _cache_path(call, target, tools, sass):
     if root in ("", "0"):
         return None
     ident = repr((call["key"], target.name, target.arch, tools.jaxlib_version, tools.plugin_version,
-                  tools.ptxas_version, bool(sass), 3 if sass else 2))
-    # 2: location-free keys; 3: with SASS, the loops also count their guarded instructions
+                  tools.ptxas_version, bool(sass), 5 if sass else 2))
+    # 2: location-free keys; with SASS, 3: loops count guarded instructions, 4: unrolling, 5: no EXIT inside
     return os.path.join(root, hashlib.sha256(ident.encode()).hexdigest()[:32] + ".pkl")
 
 

@@ -77,7 +77,11 @@ class Instruction:
     address: int
     opcode: str  # with modifiers, e.g. "HGMMA.64x64x16.F32.BF16"
     text: str
-    predicated: bool = False  # "@P0 ..." / "@!P0 ...": runs (or branches) only where the predicate holds
+    guard: str = ""  # "@P0" / "@!P0": runs (or branches) only where the predicate holds; "" always
+
+    @property
+    def predicated(self) -> bool:
+        return bool(self.guard)
 
     @property
     def base(self) -> str:
@@ -98,6 +102,9 @@ class LoopStats:
     classes: dict  # family → count (see _CLASSES)
     mma_flops: int = 0  # per warp and iteration (see mma_flops_per_warp); × num_warps for the block
     guarded: int = 0
+    # Source iterations per machine iteration: the step of the counter the back edge tests (a loop
+    # of constant trip count that ptxas unrolled 6× steps its counter by 6); 1 when not found.
+    unroll: int = 1
 
     @property
     def unguarded(self) -> int:
@@ -119,7 +126,7 @@ def parse_sass(text: str) -> list[Instruction]:
         body = _PRED.sub("", text)
         if not body:
             continue
-        out.append(Instruction(int(m.group(1), 16), body.split()[0], body, predicated=body != text))
+        out.append(Instruction(int(m.group(1), 16), body.split()[0], body, guard=text[:len(text) - len(body)].strip()))
     return out
 
 
@@ -144,7 +151,8 @@ def innermost_loops(text: str) -> list[LoopStats]:
 
     A loop is a backward ``BRA`` (its target lies before it; the ``BRA`` to itself after ``EXIT``
     is padding, not a loop); back edges to the same header make one loop; a loop is innermost
-    when no other loop lies inside it.
+    when no other loop lies inside it. A span holding an ``EXIT`` is no loop: it is an out-of-line
+    path after the kernel's exit (a ``BRA.DIV`` target) branching back into the loop it left.
     """
     instrs = parse_sass(text)
     labels = _labels(text)
@@ -158,7 +166,8 @@ def innermost_loops(text: str) -> list[LoopStats]:
         target = labels[m.group(1)]
         if target < ins.address:
             ends[target] = max(ends.get(target, 0), ins.address)
-    loops = sorted(ends.items())
+    exits = [i.address for i in instrs if i.base == "EXIT"]
+    loops = sorted((s, e) for s, e in ends.items() if not any(s <= x <= e for x in exits))
     inner = [
         (s, e) for s, e in loops
         if not any((s2, e2) != (s, e) and s <= s2 and e2 <= e for s2, e2 in loops)
@@ -169,8 +178,34 @@ def innermost_loops(text: str) -> list[LoopStats]:
         classes = {name: sum(1 for i in body if pred(i.base)) for name, pred in _CLASSES.items()}
         flops = sum(mma_flops_per_warp(i.opcode) for i in body)
         out.append(LoopStats(start=s, end=e, instructions=len(body), mma=classes["mma"], classes=classes,
-                             mma_flops=flops, guarded=_guarded(body, labels, e)))
+                             mma_flops=flops, guarded=_guarded(body, labels, e), unroll=_counter_step(body)))
     return out
+
+
+_INT = r"(-?0x[0-9a-f]+|-?\d+)"
+_SETP = re.compile(r"^U?ISETP\.\S+\s+(U?P\d+),\s*U?PT,\s*(U?R\d+),")
+_STEP = [re.compile(r"^U?VIADD\s+(U?R\d+),\s*(U?R\d+),\s*" + _INT + r"\s*$"),
+         re.compile(r"^U?IADD3\s+(U?R\d+),\s*(U?R\d+),\s*" + _INT + r",\s*U?RZ\s*$")]
+
+
+def _counter_step(body) -> int:
+    """The step of the loop counter: the back edge's predicate is set by an ISETP on a register that
+    the body advances by a constant (``VIADD R, R, k`` or ``IADD3 R, R, k, RZ``); 1 when not found."""
+    back = body[-1]
+    pred = back.guard.lstrip("@!") if back.base == "BRA" else ""
+    counter = None
+    for ins in reversed(body[:-1]):
+        m = _SETP.match(ins.text)
+        if pred and m and m.group(1) == pred:
+            counter = m.group(2)
+            break
+    for ins in body:
+        for pattern in _STEP:
+            m = pattern.match(ins.text)
+            if counter and m and m.group(1) == counter and m.group(2) == counter:
+                step = int(m.group(3), 0)
+                return step if step > 0 else 1
+    return 1
 
 
 def _guarded(body, labels, end) -> int:
