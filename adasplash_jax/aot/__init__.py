@@ -209,10 +209,12 @@ def compile_variants(variants, targets=("sm_80", "sm_90"), *, sass=True, jobs: i
 
 
 def _loops_text(loops) -> str:
-    """'970/4 563/4x4 585/4': instructions/MMA per innermost loop, repeats folded."""
+    """'664/4g144 303/0u6 563/4x4': instructions/MMA per innermost loop (g: how many run under a branch, u:
+    source iterations per machine iteration when unrolled), repeats folded."""
     parts, prev, n = [], None, 0
     for lp in loops:
-        cur = f"{lp.instructions}/{lp.mma}"
+        cur = f"{lp.instructions}/{lp.mma}" + (f"g{lp.guarded}" if lp.guarded else "") + (
+            f"u{lp.unroll}" if lp.unroll > 1 else "")
         if cur == prev:
             n += 1
             continue
@@ -227,7 +229,7 @@ def _loops_text(loops) -> str:
 def format_table(records) -> str:
     """A plain-text table, one row per record."""
     head = ("variant", "kernel", "target", "w/s", "smem KB", "regs", "spill st/ld", "stack", "warnings",
-            "SASS", "loops: instr/MMA per iteration")
+            "SASS", "loops: instr/MMA per iteration (gN: N of them under a branch; uN: N source iterations each)")
     rows = []
     for r in records:
         if r.error:

@@ -295,23 +295,21 @@ def fma(cfg: KernelConfig, a, b, c):
     """a·b + c per entry of a float32 tile (``b``, ``c``: scalars or per-row [rows, 1], broadcast) as
     one fma.rn.f32 on the GPU (the lowering never fuses a multiply and an add itself); a multiply
     and an add in interpret mode."""
-    if cfg.interpret:
-        return a * b + c
-    [y] = plgpu.elementwise_inline_asm(
-        "fma.rn.f32 $0, $1, $2, $3;", args=[a] + [jnp.broadcast_to(t, a.shape).astype(a.dtype) for t in (b, c)],
-        constraints="=f,f,f,f", pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, a.dtype)],
-    )
-    return y
+    return a * b + c if cfg.interpret else _ptx_fma("rn", a, b, c)
 
 
 def ceil_fma(cfg: KernelConfig, a, b, c):
     """⌈a·b⌉ + c per entry for an integer-valued ``c`` (per row [rows, 1]) with the result in [2^23, 2^24):
     one fma.rp.f32 on the GPU (a·b + c rounded up, exact there: those floats are the integers);
     ⌈a·b⌉ + c in interpret mode (a·b rounded first, an ulp of it apart at most)."""
-    if cfg.interpret:
-        return jnp.ceil(a * b) + c
+    return jnp.ceil(a * b) + c if cfg.interpret else _ptx_fma("rp", a, b, c)
+
+
+def _ptx_fma(rounding: str, a, b, c):
+    """One fma.{rounding}.f32 per entry of ``a`` (``b``, ``c`` broadcast to it)."""
     [y] = plgpu.elementwise_inline_asm(
-        "fma.rp.f32 $0, $1, $2, $3;", args=[a] + [jnp.broadcast_to(t, a.shape).astype(a.dtype) for t in (b, c)],
+        f"fma.{rounding}.f32 $0, $1, $2, $3;",
+        args=[a] + [jnp.broadcast_to(t, a.shape).astype(a.dtype) for t in (b, c)],
         constraints="=f,f,f,f", pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, a.dtype)],
     )
     return y
