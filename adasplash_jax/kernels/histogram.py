@@ -85,7 +85,8 @@ def _ceil_multiply_add(a, b, c):
     return jnp.ceil(a * b) + c
 
 
-def update(hist: RowHistogram, d, tile_max, new_max, x_mult, keep=None, ceil_fma=_ceil_multiply_add):
+def update(hist: RowHistogram, d, tile_max, new_max, x_mult, keep=None, ceil_fma=_ceil_multiply_add,
+           any_start=None):
     """The histogram after one score tile ``d`` [block_q, block_k] (raw scores, masked entries at
     MASKED); ``tile_max`` and ``new_max`` are the tile's and the running row max (after it).
 
@@ -94,9 +95,10 @@ def update(hist: RowHistogram, d, tile_max, new_max, x_mult, keep=None, ceil_fma
     anchor, which never moves once set, so the sum needs no rescaling when the max grows, and the
     offset anchor − d it sums is the one the bin index is formed from (one subtraction per entry
     for both). ``ceil_fma(a, b, c)`` = ⌈a·b⌉ + c per entry for an integer c in [2^23, 2^24) (the
-    kernel's fma rounded up, tiles.ceil_fma)."""
+    kernel's fma rounded up, tiles.ceil_fma). ``any_start``: whether any of ``starting_rows`` holds
+    (a scalar; None: reduced here), for a caller that folds it into a block-wide reduction of its own."""
     valid_row = tile_max > 0.5 * MASKED
-    starts = (hist.width == 0) & valid_row
+    starts = starting_rows(hist, tile_max)
 
     def start_grid():
         # The grid of a row's first valid tile: anchored at its max, BINS − 1 bins over its spread
@@ -109,7 +111,8 @@ def update(hist: RowHistogram, d, tile_max, new_max, x_mult, keep=None, ceil_fma
         return (jnp.where(starts, tile_max, hist.anchor), jnp.where(starts, width, hist.width),
                 jnp.where(starts, x_mult / width, hist.scale))
 
-    anchor, width, scale = lax.cond(_any(starts), start_grid, lambda: (hist.anchor, hist.width, hist.scale))
+    any_start = _any(starts) if any_start is None else any_start
+    anchor, width, scale = lax.cond(any_start, start_grid, lambda: (hist.anchor, hist.width, hist.scale))
     # The max's bin, raised by ε, far above this product's rounding: top ≥ floor(u) of the max as
     # the entries' fma forms it, so every k ≥ 0 (a max within ε below an edge makes top the bin
     # above, where the max counts in bin 1).
@@ -154,6 +157,12 @@ def update(hist: RowHistogram, d, tile_max, new_max, x_mult, keep=None, ceil_fma
     field = (1 << bits) - 1
     counts = tuple(c + (jnp.right_shift(packed, bits * i) & field).astype(jnp.float32) for i, c in enumerate(counts))
     return RowHistogram(anchor, width, scale, top, counts), tile_below
+
+
+def starting_rows(hist: RowHistogram, tile_max):
+    """The rows whose grid this tile starts: no grid yet and a valid entry here (a row's first
+    valid tile; its running max is then this tile's, so its top relative to it is 0)."""
+    return (hist.width == 0) & (tile_max > 0.5 * MASKED)
 
 
 def grid_started(old: RowHistogram, new: RowHistogram):

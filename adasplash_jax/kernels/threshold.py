@@ -87,12 +87,20 @@ def _threshold_kernel(
         new_max = jnp.maximum(row_max, tile_max)
         # The tile's highest score relative to its row's running max (an upper bound of its
         # entries' final d − m, the max only growing), over the rows that have one.
-        top = jnp.max(jnp.where(tile_max > 0.5 * MASKED, tile_max - new_max, MASKED))
+        relative_top = jnp.where(tile_max > 0.5 * MASKED, tile_max - new_max, MASKED)
+        if cfg.histogram_start:
+            # One block-wide reduction for the top and the histogram's vote on starting a grid: a
+            # starting row's relative top is 0, the highest any row's can be, so it votes 1
+            # instead and the top is min(vote, 0) (a reduction costs a barrier round trip).
+            vote = jnp.max(jnp.where(histogram.starting_rows(hist, tile_max), 1.0, relative_top))
+            top = jnp.minimum(vote, 0.0)
+        else:
+            top = jnp.max(relative_top)
         tile_top = jnp.where(block_ids == j, top, tile_top)
         if cfg.histogram_start:
             old_hist = hist
             hist, tile_below = histogram.update(hist, d, tile_max, new_max, x_mult, keep if masked else None,
-                                                functools.partial(ceil_fma, cfg))
+                                                functools.partial(ceil_fma, cfg), any_start=vote > 0.5)
             row_sum = row_sum + tile_below
             if cfg.debug:  # counted for kernels.debug only
                 grid_starts = grid_starts + histogram.grid_started(old_hist, hist).astype(jnp.int32)
