@@ -119,6 +119,11 @@ def tile_counts(L: int, bq: int, bk: int, causal: bool) -> int:
     return sum(min(nk, math.ceil(min(L, (i + 1) * bq) / bk)) for i in range(nq))
 
 
+# The τ kernel's loops with a matmul, in address order: the max pass's boundary and interior loops
+# (these two), then the solver pass's interior and boundary loops.
+TAU_MAX_PASS_LOOPS = 2
+
+
 def profiles(records, head_dim: int, static_branches: bool = False) -> dict:
     """KernelCost per kernel label. The τ kernel's max-pass loops (its first two with a matmul) hold
     one branch, the histogram's grid start, taken on a query block's first tile only
@@ -135,7 +140,7 @@ def profiles(records, head_dim: int, static_branches: bool = False) -> dict:
         loops, once, mma_loops = [], 0, 0
         for lp in r.loops:
             n = lp.instructions
-            if r.label == "tau" and lp.mma_flops and mma_loops < 2 and not static_branches:
+            if r.label == "tau" and lp.mma_flops and mma_loops < TAU_MAX_PASS_LOOPS and not static_branches:
                 n, once = lp.unguarded, once + lp.guarded
             mma_loops += bool(lp.mma_flops)
             loops.append((n, lp.mma_flops, lp.unroll))
@@ -160,7 +165,7 @@ def loop_visits(k: KernelCost, *, tiles: int, boundary: int, programs: int, solv
             continue
         if k.label != "tau":
             visits.append((tiles - boundary) if mma_pass % 2 == 0 else boundary)
-        elif mma_pass < 2:  # the max pass: from the diagonal down
+        elif mma_pass < TAU_MAX_PASS_LOOPS:  # the max pass: from the diagonal down
             visits.append(boundary if mma_pass == 0 else tiles - boundary)
         else:
             marked = tiles if solver_tiles is None else solver_tiles

@@ -13,8 +13,8 @@ to the next) and each query a scaled copy of its own key plus noise, so attentio
 tiles far from the diagonal are inactive. Also prints the largest difference of the output from
 the dense path, so fewer passes are never bought with accuracy, and the fraction of max-pass tiles
 on which the histogram started a row's grid (the max pass's one branch: histogram.grid_started;
-about one tile per query block), which benchmarks/kernel_cost.py charges the branch's
-instructions at (its --branch-rate).
+one tile per query block), which is why benchmarks/kernel_cost.py charges the branch's
+instructions once per query block.
 
     python benchmarks/tau_passes.py            # L = 512, head dim 64: ~4 min on 2 CPU cores
     python benchmarks/tau_passes.py --local --length 1024
@@ -45,8 +45,8 @@ def passes_and_error(q, k, v, alpha, block_sizes):
     solver_tiles = float(np.sum(visits["tau_solver"]))
     per_visible = solver_tiles / float(np.sum(visits["tau"]))
     per_active = solver_tiles / float(np.sum(passes * np.asarray(visits["block_mask"]).sum(-1)))
-    branch_rate = float(np.sum(visits["tau_grid_starts"])) / float(np.sum(visits["tau"]))
-    return passes, per_visible, per_active, branch_rate, float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref)))
+    grid_start_rate = float(np.sum(visits["tau_grid_starts"])) / float(np.sum(visits["tau"]))
+    return passes, per_visible, per_active, grid_start_rate, float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref)))
 
 
 def inputs(rng, L, N, H, scale, local):
@@ -87,10 +87,10 @@ def main():
             q, k, v = inputs(rng, L, N, H, scale, args.local)
             without, _, _, _, err_without = passes_and_error(q, k, v, alpha,
                                                              dataclasses.replace(base, histogram_start=False))
-            with_hist, per_visible, per_active, branch_rate, err_with = passes_and_error(q, k, v, alpha, base)
+            with_hist, per_visible, per_active, grid_start_rate, err_with = passes_and_error(q, k, v, alpha, base)
             print(f"| {alpha:g} | {scale:g} | {without.mean():.2f} / {without.max()} | {with_hist.mean():.2f} / "
                   f"{with_hist.max()} | {with_hist.mean() / without.mean():.2f} | {per_visible:.2f} | "
-                  f"{per_active:.2f} | {branch_rate:.3f} | {err_without:.1e} / {err_with:.1e} |", flush=True)
+                  f"{per_active:.2f} | {grid_start_rate:.3f} | {err_without:.1e} / {err_with:.1e} |", flush=True)
     print("τ tile visits per visible tile = 1 (the max pass) + the solver tiles above (histogram start).")
 
 
