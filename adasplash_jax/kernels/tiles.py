@@ -298,6 +298,13 @@ def fma(cfg: KernelConfig, a, b, c):
     return a * b + c if cfg.interpret else _ptx_fma("rn", a, b, c)
 
 
+def unit_fma(cfg: KernelConfig, a, b, c):
+    """a·b + c clamped to [0, 1] per entry (``b``, ``c`` broadcast as for ``fma``): one fma.rn.sat.f32
+    on the GPU, the same clamp in interpret mode. It is [a·b + c]_+ wherever a·b + c ≤ 1, as every z
+    of the kernels is (see ``shifted_z``): the clamp to 0 costs no instruction of its own."""
+    return jnp.clip(a * b + c, 0.0, 1.0) if cfg.interpret else _ptx_fma("rn.sat", a, b, c)
+
+
 def ceil_fma(cfg: KernelConfig, a, b, c):
     """⌈a·b⌉ + c per entry for an integer-valued ``c`` (per row [rows, 1]) with the result in [2^23, 2^24):
     one fma.rp.f32 on the GPU (a·b + c rounded up, exact there: those floats are the integers);
@@ -319,7 +326,11 @@ def shifted_z(cfg: KernelConfig, d, row_max, mult, shift):
     """[(d − m)·mult + shift]_+ of a raw score tile; ``mult`` and ``shift``: scalars or per-row
     vectors [block_q]. ``cfg.fold_row_max``: one fma per entry, d·mult + (shift − m·mult), the row
     constants formed once per row (a row with no score, m MASKED, gets z = 0: its m·mult would
-    not cancel); otherwise a subtraction and an fma, (d − m)·mult + shift."""
+    not cancel), clamped to [0, 1] by the fma itself (``unit_fma``: no z of a kernel exceeds 1, so
+    the clamp is the [·]_+; τ ≥ −1, the bracket's lower end max − 1, so x − τ ≤ 1 in the τ and
+    forward kernels, and the backward's ẑ = p^(α−1) ≤ 1); otherwise (fp32, and d ≤ 32 below sm_90, where
+    ptxas is short of registers: the saturating fma spills 4–12 B there) a subtraction, an fma and
+    a max, [(d − m)·mult + shift]_+."""
     if cfg.fold_row_max:
         return folded_z(cfg, d, *fold_row_max(row_max, mult, shift))
     return jnp.maximum(fma(cfg, d - row_max[:, None], _as_rows(mult), _as_rows(shift)), 0.0)
@@ -340,9 +351,10 @@ def fold_row_max(row_max, mult, shift):
 
 
 def folded_z(cfg: KernelConfig, d, mult, shift):
-    """[d·mult + shift]_+ of a raw score tile, one fma per entry (``mult``: a scalar or per row
-    [block_q]; ``shift``: per row)."""
-    return jnp.maximum(fma(cfg, d, _as_rows(mult), shift[:, None]), 0.0)
+    """[d·mult + shift]_+ of a raw score tile where it is at most 1 (every z of the kernels: see
+    ``shifted_z``), one saturating fma per entry (``mult``: a scalar or per row [block_q]; ``shift``:
+    per row)."""
+    return unit_fma(cfg, d, _as_rows(mult), shift[:, None])
 
 
 def tile_z(cfg: KernelConfig, alpha, d, tau, row_max):
