@@ -154,6 +154,34 @@ def test_row_max_fold_follows_the_gpu():
     assert not make_config(inp, SMALL, None).fold_row_max  # fp32
 
 
+@pytest.mark.parametrize("alpha", [1.5, 2.0, 1.8])
+@pytest.mark.parametrize("mass_per_entry", [True, False])
+def test_tau_mass_summed_per_entry_or_per_tile_matches_dense(alpha, mass_per_entry):
+    # The τ solver's Σ z^c0 kept per entry across the key loop (BlockSizes.mass_per_entry, the sm_90
+    # default up to d = 128) or reduced per tile: the same answer as the dense path, on causal rows
+    # with a short sequence (boundary tiles) at a temperature where many rows are near one-hot.
+    q, k, v = make_qkv(2, 48, 48, 2, 2, 16, scale=2.5, seed=3)
+    blocks = dataclasses.replace(SMALL, mass_per_entry=mass_per_entry)
+    kw = dict(alpha=alpha, is_causal=True, key_value_seq_lengths=jnp.array([48, 21]))
+    inp = check_attention_inputs(q, k, v, mask=None, scale=None, query_seq_lengths=None, segment_ids=None, **kw)
+    assert make_config(inp, blocks, None).mass_per_entry == mass_per_entry
+    out, grads = loss_and_grads("pallas", q, k, v, block_sizes=blocks, **kw)
+    ref_out, ref_grads = loss_and_grads("xla", q, k, v, **kw)
+    assert_close(out, ref_out, jnp.float32, "output")
+    for what, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert_close(g, r, jnp.float32, what)
+
+
+def test_tau_mass_per_entry_follows_the_gpu():
+    # Per entry on sm_90 and later up to d = 128; per tile where its accumulators spill (d = 256 on
+    # sm_90, sm_80) and on an unknown GPU.
+    for_head_dim = BlockSizes.for_head_dim
+    assert all(for_head_dim(d, a, 90).mass_per_entry for d in (32, 64, 128) for a in (1.5, 2.0, 1.8, None))
+    assert not for_head_dim(256, 1.5, 90).mass_per_entry
+    assert not any(for_head_dim(d, 1.5, cc).mass_per_entry for d in (32, 64, 128) for cc in (80, None))
+    assert not BlockSizes().mass_per_entry
+
+
 @pytest.mark.slow
 def test_per_head_alpha_matches_dense_including_alpha_gradient():
     q, k, v = make_qkv(2, 36, 36, 4, 2, 16)

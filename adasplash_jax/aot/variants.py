@@ -62,6 +62,8 @@ class Variant:
                 parts.append("reloadq")
             if not b.fold_row_max:
                 parts.append("nofold")
+            if b.mass_per_entry:
+                parts.append("entrymass")
         if self.features:
             parts.append("+".join(self.features))
         return "-".join(parts)

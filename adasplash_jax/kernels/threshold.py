@@ -24,7 +24,7 @@ from adasplash_jax.kernels import histogram
 from adasplash_jax.kernels.config import MASKED, KernelConfig
 from adasplash_jax.kernels.mask_info import visible_key_blocks
 from adasplash_jax.kernels.specs import block_specs, call, tile_input_specs, visible_block_specs
-from adasplash_jax.kernels.tiles import (RowContext, TileInputs, alpha_of, ceil_fma, diagonal_key_block,
+from adasplash_jax.kernels.tiles import (RowContext, TileInputs, alpha_of, ceil_fma, diagonal_key_block, fma,
                                          list_slots_below, powers, query_tile, split_loop, tile_x, tile_z,
                                          wrapped_down, x_multiplier)
 from adasplash_jax.solver import TOL, no_progress, solver_step, threshold_bracket
@@ -176,7 +176,9 @@ def _threshold_kernel(
         above = jnp.max(row_above.astype(jnp.int32)) > 0
         bits = jnp.where(block_ids == j, above.astype(jnp.int32), acc[3])
         visited = acc[4] + 1 if cfg.debug else acc[4]  # counted for kernels.debug only
-        return acc[0] + jnp.sum(t0, 1), acc[1] + jnp.sum(t1, 1), acc[2] + jnp.sum(t2, 1), bits, visited
+        # Σ z^c0 = Σ z^c1·z: per entry (one fma; the rows reduced after the pass) or per tile.
+        mass = fma(cfg, t1, z, acc[0]) if cfg.mass_per_entry else acc[0] + jnp.sum(t0, 1)
+        return mass, acc[1] + jnp.sum(t1, 1), acc[2] + jnp.sum(t2, 1), bits, visited
 
     def marked_blocks(marks):
         """Like key_blocks_from_diagonal, in ascending order, over the key blocks marked in
@@ -211,8 +213,10 @@ def _threshold_kernel(
         step. Every pass marks the mask, so the last one leaves it."""
         i, (tau, lo, hi, support, marks, visited), _ = state
         zero = jnp.zeros((cfg.block_q,), jnp.float32)
-        *sums, bits, visited = marked_blocks(marks)(functools.partial(pass_sums, tau, lo),
-                                                    (zero, zero, zero, no_bits, visited))
+        mass = jnp.zeros((cfg.block_q, cfg.block_k), jnp.float32) if cfg.mass_per_entry else zero
+        mass, *sums, bits, visited = marked_blocks(marks)(functools.partial(pass_sums, tau, lo),
+                                                          (mass, zero, zero, no_bits, visited))
+        sums = (jnp.sum(mass, 1) if cfg.mass_per_entry else mass, *sums)
         new_tau, new_lo, hi, f, newton, predicted, support = solver_step(cfg.alpha_static, alpha, tau, lo, hi,
                                                                          *sums, support=support)
         if cfg.alpha_static == 2.0:
