@@ -62,7 +62,8 @@ class RowHistogram(NamedTuple):
     def empty(cls, block_q: int):
         # A row without a grid keeps top = BINS: every entry then lands at bin ≥ BINS (uncounted).
         zero = jnp.zeros((block_q,), jnp.float32)
-        return cls(zero, zero, zero, jnp.full((block_q,), float(BINS), jnp.float32), (zero,) * BINS)
+        return cls(zero, zero, zero, jnp.full((block_q,), float(BINS), jnp.float32),
+                   (jnp.zeros((block_q,), jnp.int32),) * BINS)
 
 
 def _any(flags):
@@ -76,7 +77,7 @@ def _shift_down(counts, shift):
     step = 1
     while step <= BINS:
         moved = (shift & step) != 0
-        counts = tuple(jnp.where(moved, counts[k - step] if k >= step else 0.0, counts[k]) for k in range(BINS))
+        counts = tuple(jnp.where(moved, counts[k - step] if k >= step else 0, counts[k]) for k in range(BINS))
         step *= 2
     return counts
 
@@ -141,7 +142,7 @@ def update(hist: RowHistogram, d, tile_max, new_max, x_mult, keep=None, ceil_fma
     if d.shape[1] >= 256:  # a bin may get 256 entries of one tile: more than 8 bits, count per bin
         k = k_bits - k_offset
         return RowHistogram(anchor, width, scale, top, tuple(
-            c + jnp.sum((k == i).astype(jnp.float32), axis=1) for i, c in enumerate(counts))), tile_below
+            c + jnp.sum((k == i).astype(jnp.int32), axis=1) for i, c in enumerate(counts))), tile_below
     # One packed count per entry: bin k adds 1 << (bits·k). With 7-bit fields (block_k < 128) bin
     # BINS lands in the unused top bits, where overflow only wraps; 8-bit fields need a select.
     bits = 7 if d.shape[1] < 128 else 8
@@ -155,7 +156,7 @@ def update(hist: RowHistogram, d, tile_max, new_max, x_mult, keep=None, ceil_fma
         one = jnp.where(k < BINS, jnp.left_shift(1, (k & (BINS - 1)) * bits), 0)
     packed = jnp.sum(one, axis=1)
     field = (1 << bits) - 1
-    counts = tuple(c + (jnp.right_shift(packed, bits * i) & field).astype(jnp.float32) for i, c in enumerate(counts))
+    counts = tuple(c + (jnp.right_shift(packed, bits * i) & field) for i, c in enumerate(counts))
     return RowHistogram(anchor, width, scale, top, counts), tile_below
 
 
@@ -192,10 +193,11 @@ def bracket(hist: RowHistogram, power, row_max, allowed, x_mult, lo, hi):
     offset = (row_max - hist.anchor) * x_mult
     lower = [(hist.top - k) * width - offset - _EDGE_SLACK * width for k in range(BINS)]
     upper = [jnp.minimum(e + (1.0 + 2.0 * _EDGE_SLACK) * width, 0.0) for e in lower]
-    outside = jnp.maximum(allowed - sum(hist.counts), 0.0)
+    counts = [c.astype(jnp.float32) for c in hist.counts]
+    outside = jnp.maximum(allowed - sum(counts), 0.0)
     bottom = lower[-1] + 2.0 * _EDGE_SLACK * width
-    low_lo, _ = _model_root(power, list(zip(hist.counts, lower)), lo, hi)
-    _, up_hi = _model_root(power, list(zip(hist.counts, upper)) + [(outside, bottom)], lo, hi)
+    low_lo, _ = _model_root(power, list(zip(counts, lower)), lo, hi)
+    _, up_hi = _model_root(power, list(zip(counts, upper)) + [(outside, bottom)], lo, hi)
     new_lo = jnp.where(usable, jnp.maximum(lo, low_lo), lo)
     new_hi = jnp.where(usable, jnp.minimum(hi, up_hi), hi)
     return jnp.minimum(new_lo, new_hi), new_hi
