@@ -50,7 +50,7 @@ class RowHistogram(NamedTuple):
     """Per row (each [block_q]): the raw score the grid is anchored at, the bin width in x units
     (0 until the row has seen a valid entry) and the grid index per raw score unit
     (x_mult / width; 0 without a grid), the grid index of the running max's bin, and the counts
-    of the ``BINS`` bins below it (counts[0] holds the max)."""
+    of the ``BINS`` bins below it (int32; counts[0] holds the max)."""
 
     anchor: object
     width: object
