@@ -142,7 +142,7 @@ def update(hist: RowHistogram, d, tile_max, new_max, x_mult, keep=None, ceil_fma
     if d.shape[1] >= 256:  # a bin may get 256 entries of one tile: more than 8 bits, count per bin
         k = k_bits - k_offset
         return RowHistogram(anchor, width, scale, top, tuple(
-            c + jnp.sum((k == i).astype(jnp.int32), axis=1) for i, c in enumerate(counts))), tile_below
+            c + jnp.sum((k == i).astype(jnp.int32), axis=1, dtype=jnp.int32) for i, c in enumerate(counts))), tile_below
     # One packed count per entry: bin k adds 1 << (bits·k). With 7-bit fields (block_k < 128) bin
     # BINS lands in the unused top bits, where overflow only wraps; 8-bit fields need a select.
     bits = 7 if d.shape[1] < 128 else 8
@@ -154,7 +154,7 @@ def update(hist: RowHistogram, d, tile_max, new_max, x_mult, keep=None, ceil_fma
     else:
         k = k_bits - k_offset
         one = jnp.where(k < BINS, jnp.left_shift(1, (k & (BINS - 1)) * bits), 0)
-    packed = jnp.sum(one, axis=1)
+    packed = jnp.sum(one, axis=1, dtype=jnp.int32)  # (int32 under x64 too: the counts are a loop carry)
     field = (1 << bits) - 1
     counts = tuple(c + (jnp.right_shift(packed, bits * i) & field) for i, c in enumerate(counts))
     return RowHistogram(anchor, width, scale, top, counts), tile_below
