@@ -354,6 +354,18 @@ def test_kernels_lower_for_cuda(L, H, causal, heads):
     assert exported.mlir_module().count("__gpu$xla.gpu.triton") == 4
 
 
+@pytest.mark.parametrize("alpha", [1.5, 1.8])
+def test_cuda_lowering_with_the_tau_mass_per_entry(alpha):
+    # The sm_90 defaults (BlockSizes.mass_per_entry on), which lowering without a GPU does not pick.
+    blocks = BlockSizes.for_head_dim(64, alpha, 90)
+    assert blocks.mass_per_entry
+    structs = [jax.ShapeDtypeStruct((1, 512, 2, 64), jnp.bfloat16)] * 3
+    forward = functools.partial(entmax_attention, alpha=alpha, is_causal=True, implementation="pallas",
+                                interpret=False, block_sizes=blocks)
+    exported = export_for_cuda(lambda q, k, v: forward(q, k, v).astype(jnp.float32).sum(), *structs)
+    assert exported.mlir_module().count("__gpu$xla.gpu.triton") == 2
+
+
 def test_cuda_lowering_with_per_head_alpha_lengths_and_segments():
     B, L, N, H = 2, 300, 4, 32
     structs = [jax.ShapeDtypeStruct((B, L, N, H), jnp.float16)] * 3 + [
