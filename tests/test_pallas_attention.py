@@ -215,13 +215,15 @@ def test_rows_with_nothing_to_attend_are_zero_with_zero_grads():
 
 
 @pytest.mark.slow
-def test_a_nan_query_row_spoils_only_its_own_output_and_dq_row():
+@pytest.mark.parametrize("bad_value", [jnp.nan, jnp.inf])
+def test_a_nan_query_row_spoils_only_its_own_output_and_dq_row(bad_value):
     """The NaN policy through the τ kernel and the backward: the bad row's output and dQ row are NaN
     (the backward gives bad rows a NaN δ); the other rows of its query block keep their answer (a
     NaN in the τ kernel's per-tile mark reduction once emptied the whole block's mask), equal to the
-    dense path's."""
+    dense path's. A NaN query entry makes the row's scores NaN, an infinite one ±inf (and its row
+    max +inf: inf − inf voided the block's mark reduction in interpret mode)."""
     q, k, v = make_qkv(1, 24, 24, 2, 2, 16)
-    q = q.at[0, 5, 1, 3].set(jnp.nan)
+    q = q.at[0, 5, 1, 3].set(bad_value)
     out, (dq, _, _) = loss_and_grads("pallas", q, k, v)
     ref_out, (ref_dq, _, _) = loss_and_grads("xla", q, k, v)
     bad = np.zeros((1, 24, 2), bool)

@@ -86,8 +86,10 @@ def _threshold_kernel(
         tile_max = jnp.max(d, axis=1)
         new_max = jnp.maximum(row_max, tile_max)
         # The tile's highest score relative to its row's running max (an upper bound of its
-        # entries' final d − m, the max only growing), over the rows that have one.
-        relative_top = jnp.where(tile_max > 0.5 * MASKED, tile_max - new_max, MASKED)
+        # entries' final d − m, the max only growing), over the rows that have one. A bad row
+        # (NaN, or +inf: inf − inf is NaN) has none: its NaN would void the block's reduction
+        # (XLA's max keeps NaN) and with it the tile's mark for every other row.
+        relative_top = jnp.where((tile_max > 0.5 * MASKED) & (new_max < jnp.inf), tile_max - new_max, MASKED)
         if cfg.histogram_start:
             # One block-wide reduction for the top and the histogram's vote on starting a grid: a
             # starting row's relative top is 0, the highest any row's can be, so it votes 1
