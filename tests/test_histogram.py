@@ -6,6 +6,7 @@ start takes fewer solver passes than the analytic start, at the same accuracy.""
 import dataclasses
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -169,8 +170,11 @@ def test_sum_below_the_anchor_over_kept_entries(offset):
         cols = slice(j * BLOCK_K, (j + 1) * BLOCK_K)
         tile_max = jnp.max(masked[:, cols], axis=1)
         new_max = jnp.maximum(row_max, tile_max)
-        hist, tile_below = histogram.update(hist, masked[:, cols], tile_max, new_max, jnp.float32(0.5),
-                                            jnp.asarray(keep[:, cols]))
+        args = (masked[:, cols], tile_max, new_max, jnp.float32(0.5), jnp.asarray(keep[:, cols]))
+        hist_without_sum, no_sum = histogram.update(hist, *args, sum_below=False)  # BlockSizes.jensen_bound off
+        hist, tile_below = histogram.update(hist, *args)
+        assert no_sum is None
+        chex.assert_trees_all_equal(hist_without_sum, hist)
         total, row_max = total + tile_below, new_max
     anchor = np.where(keep[:, :BLOCK_K], d[:, :BLOCK_K], -np.inf).max(1).astype(np.float64)
     np.testing.assert_array_equal(np.asarray(hist.anchor), anchor)

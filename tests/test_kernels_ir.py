@@ -8,13 +8,15 @@ solve the histogram's models (no tile work). The forward and backward kernels lo
 tiles the same way.
 """
 
+import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-from adasplash_jax import entmax_attention
+from adasplash_jax import BlockSizes, entmax_attention
 from adasplash_jax.kernels.ir_stats import kernel_ir, loop_stats
 
 
@@ -64,3 +66,27 @@ def test_general_alpha_powers_are_single_instructions():
             # block mask with the same fma, on the row max)
             want = ["ex2", "ex2", "fma", "fma", "lg2"] if name == "entmax_threshold" else ["ex2", "fma", "lg2"]
             assert calls == want, (name, body.calls)
+
+
+# The combiner of a row reduction whose max keeps NaN (maxnumf would drop it).
+_NAN_KEEPING_REDUCE = re.compile(r"arith\.maximumf %arg\d+, %arg\d+ : f32")
+
+
+@pytest.mark.parametrize("jensen_bound", [False, True])
+def test_the_tau_max_pass_keeps_nan_in_the_row_max_without_the_jensen_sum(jensen_bound):
+    """On the GPU Pallas' row max reduces with maxnumf, which drops a NaN score. Without the Jensen
+    row sum (the sm_90 block sizes) the τ kernel's row max is its NaN detector (a NaN row must
+    come out NaN), so its max pass (interior and boundary loop) reduces with maximumf, and only
+    there: the other reductions keep maxnumf (a block-wide one must not let a bad row's NaN reach
+    the others). With the sum (an unknown GPU's block sizes) the sum detects NaN, no maximumf reduction."""
+    structs = [jax.ShapeDtypeStruct((1, 1024, 4, 64), jnp.bfloat16)] * 3
+    sizes = dataclasses.replace(BlockSizes.for_head_dim(64, 1.5, 90), jensen_bound=jensen_bound)
+    f = functools.partial(entmax_attention, is_causal=True, alpha=1.5, implementation="pallas", interpret=False,
+                          block_sizes=sizes)
+    texts = kernel_ir(f, *structs)
+    tau = texts["entmax_threshold"]
+    assert len(_NAN_KEEPING_REDUCE.findall(tau)) == (0 if jensen_bound else 2)
+    assert "arith.maxnumf" in tau
+    for name, text in texts.items():
+        if name != "entmax_threshold":
+            assert not _NAN_KEEPING_REDUCE.search(text), name

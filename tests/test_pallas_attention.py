@@ -182,6 +182,46 @@ def test_tau_mass_per_entry_follows_the_gpu():
     assert not BlockSizes().mass_per_entry
 
 
+@pytest.mark.parametrize("alpha", [1.5, 2.0, 1.8])
+@pytest.mark.parametrize("jensen_bound", [True, False])
+def test_tau_with_or_without_the_jensen_sum_matches_dense(alpha, jensen_bound):
+    # The τ max pass with the row sum for the Jensen bound, or without (BlockSizes.jensen_bound off,
+    # the sm_90 default up to d = 128: the histogram's bracket alone): the same answer as the dense
+    # path, on rows from near-uniform (a low temperature, where the Jensen bound is tight) to
+    # near one-hot, with boundary tiles.
+    for scale in (0.05, 2.5):
+        q, k, v = make_qkv(2, 48, 48, 2, 2, 16, scale=scale, seed=5)
+        blocks = dataclasses.replace(SMALL, jensen_bound=jensen_bound)
+        kw = dict(alpha=alpha, is_causal=True, key_value_seq_lengths=jnp.array([48, 29]))
+        inp = check_attention_inputs(q, k, v, mask=None, scale=None, query_seq_lengths=None, segment_ids=None, **kw)
+        assert make_config(inp, blocks, None).jensen_bound == jensen_bound
+        out, grads = loss_and_grads("pallas", q, k, v, block_sizes=blocks, **kw)
+        ref_out, ref_grads = loss_and_grads("xla", q, k, v, **kw)
+        assert_close(out, ref_out, jnp.float32, f"output at scale {scale}")
+        for what, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
+            assert_close(g, r, jnp.float32, f"{what} at scale {scale}")
+
+
+def test_jensen_sum_follows_the_gpu():
+    # Off up to d = 128 on sm_90 and later, and on sm_80 without a dense mask or bias; kept where the
+    # τ kernel spills without it (d = 256 on sm_90, a dense input on sm_80), on an unknown GPU, and
+    # always without the histogram start (the bound is then the solver's start).
+    for_head_dim = BlockSizes.for_head_dim
+    alphas = (1.5, 2.0, 1.8, None)
+    assert not any(for_head_dim(d, a, cc, dense_inputs=dense).jensen_bound
+                   for d in (32, 64, 128) for a in alphas for dense in (False, True) for cc in (90, 100))
+    assert not any(for_head_dim(d, a, 80).jensen_bound for d in (32, 64, 128) for a in alphas)
+    assert all(for_head_dim(d, a, 80, dense_inputs=True).jensen_bound for d in (32, 64, 128) for a in alphas)
+    assert all(for_head_dim(256, a, cc).jensen_bound for a in alphas for cc in (80, 90))
+    assert all(for_head_dim(d, 1.5, None).jensen_bound for d in (32, 64, 128, 256))
+    assert BlockSizes().jensen_bound
+    q, k, v = make_qkv(1, 16, 16, 1, 1, 16)
+    inp = check_attention_inputs(q, k, v, mask=None, scale=None, query_seq_lengths=None, segment_ids=None,
+                                 key_value_seq_lengths=None, alpha=1.5, is_causal=False)
+    no_histogram = dataclasses.replace(SMALL, histogram_start=False, jensen_bound=False)
+    assert make_config(inp, no_histogram, None).jensen_bound
+
+
 @pytest.mark.slow
 def test_per_head_alpha_matches_dense_including_alpha_gradient():
     q, k, v = make_qkv(2, 36, 36, 4, 2, 16)
@@ -215,16 +255,18 @@ def test_rows_with_nothing_to_attend_are_zero_with_zero_grads():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("jensen_bound", [True, False])
 @pytest.mark.parametrize("bad_value", [jnp.nan, jnp.inf])
-def test_a_nan_query_row_spoils_only_its_own_output_and_dq_row(bad_value):
+def test_a_nan_query_row_spoils_only_its_own_output_and_dq_row(bad_value, jensen_bound):
     """The NaN policy through the τ kernel and the backward: the bad row's output and dQ row are NaN
     (the backward gives bad rows a NaN δ); the other rows of its query block keep their answer (a
     NaN in the τ kernel's per-tile mark reduction once emptied the whole block's mask), equal to the
-    dense path's. A NaN query entry makes the row's scores NaN, an infinite one ±inf (and its row
-    max +inf: inf − inf voided the block's mark reduction in interpret mode)."""
+    dense path's. A NaN query entry makes the row's scores NaN, an infinite one ±inf (and NaN where
+    a key entry is 0); the τ kernel detects it through the Jensen row sum or, without it, the row max."""
     q, k, v = make_qkv(1, 24, 24, 2, 2, 16)
     q = q.at[0, 5, 1, 3].set(bad_value)
-    out, (dq, _, _) = loss_and_grads("pallas", q, k, v)
+    blocks = dataclasses.replace(SMALL, jensen_bound=jensen_bound)
+    out, (dq, _, _) = loss_and_grads("pallas", q, k, v, block_sizes=blocks)
     ref_out, (ref_dq, _, _) = loss_and_grads("xla", q, k, v)
     bad = np.zeros((1, 24, 2), bool)
     bad[0, 5, 1] = True
@@ -358,9 +400,10 @@ def test_kernels_lower_for_cuda(L, H, causal, heads):
 
 @pytest.mark.parametrize("alpha", [1.5, 1.8])
 def test_cuda_lowering_with_the_tau_mass_per_entry(alpha):
-    # The sm_90 defaults (BlockSizes.mass_per_entry on), which lowering without a GPU does not pick.
+    # The sm_90 defaults (BlockSizes.mass_per_entry on, jensen_bound off: the NaN-keeping row max),
+    # which lowering without a GPU does not pick.
     blocks = BlockSizes.for_head_dim(64, alpha, 90)
-    assert blocks.mass_per_entry
+    assert blocks.mass_per_entry and not blocks.jensen_bound
     structs = [jax.ShapeDtypeStruct((1, 512, 2, 64), jnp.bfloat16)] * 3
     forward = functools.partial(entmax_attention, alpha=alpha, is_causal=True, implementation="pallas",
                                 interpret=False, block_sizes=blocks)

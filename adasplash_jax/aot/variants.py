@@ -64,6 +64,8 @@ class Variant:
                 parts.append("nofold")
             if b.mass_per_entry:
                 parts.append("entrymass")
+            if not b.jensen_bound:
+                parts.append("nojensen")
         if self.features:
             parts.append("+".join(self.features))
         return "-".join(parts)

@@ -54,6 +54,13 @@ class BlockSizes:
     loop (one fma per entry, z^c1·z added to it) and reduce the rows once per pass, instead of a
     multiply and a row reduction per tile: 32–40 instructions per warp and tile fewer, a tile of
     accumulators more (see ``for_head_dim``).
+
+    ``jensen_bound``: the τ kernel's max pass also sums each row, Σ(anchor − d), for the Jensen
+    bound on τ (one subtraction and one add per entry) — with the histogram start that bound saves
+    no solver pass (benchmarks/tau_passes.py), and the sum is then kept only as the pass's NaN
+    detector. False (histogram start only) drops it: the row max keeps NaN instead
+    (tiles.row_max_keeping_nan, no more instructions than the max itself). Without the histogram
+    start the bound is the solver's start and always kept (see ``for_head_dim``).
     """
 
     block_q: int = 64
@@ -69,6 +76,7 @@ class BlockSizes:
     reload_query: bool = False
     fold_row_max: bool = True
     mass_per_entry: bool = False
+    jensen_bound: bool = True
 
     def solver_passes(self) -> int:
         return MAX_SOLVER_PASSES if self.n_iter is None else self.n_iter
@@ -129,21 +137,30 @@ class BlockSizes:
         (2026-12-03, bf16 d = 64 α = 1.5: solver pass 395 → 355 instructions per warp, 147 → 168
         registers; 145–205 registers, none spill; at d = 256 on sm_90, and on sm_80 at d = 32 and
         for general α at d = 64, it spills 8–72 B).
+
+        The τ max pass without the Jensen row sum (``jensen_bound`` off) up to d = 128 on sm_90 and
+        later, and on sm_80 without a dense mask or bias (2026-12-04, bf16 d = 64 α = 1.5 on sm_90:
+        max pass 642 → 602 instructions per warp, its boundary loop 996 → 763; at d = 256 on sm_90
+        the general-α τ kernels spill 8–16 B without it, as does the d = 64 mask + bias one on
+        sm_80). On an unknown GPU it stays on.
         """
         hopper = compute_capability is not None and compute_capability >= 90
         entry_mass = hopper and head_dim <= 128
+        jensen = not (head_dim <= 128 and compute_capability is not None and (hopper or not dense_inputs))
         if head_dim <= 32:
             return cls(64, 64, 4, 2, backward_num_warps=4, backward_num_stages=1, reload_query=alpha == 2.0,
-                       fold_row_max=hopper, mass_per_entry=entry_mass)
+                       fold_row_max=hopper, mass_per_entry=entry_mass, jensen_bound=jensen)
         if head_dim <= 64:
             general_alpha = alpha is not None and alpha not in (1.5, 2.0)
             sparsemax_below_hopper = alpha == 2.0 and not hopper
             return cls(64, 64, 4, 1 if general_alpha and not hopper else 2, tau_num_warps=4,
                        tau_num_stages=1 if sparsemax_below_hopper else 2,
-                       backward_num_warps=4 if hopper else 8, backward_num_stages=1, mass_per_entry=entry_mass)
+                       backward_num_warps=4 if hopper else 8, backward_num_stages=1, mass_per_entry=entry_mass,
+                       jensen_bound=jensen)
         if head_dim <= 128:
             return cls(64, 64, 8, 1 if dense_inputs and not hopper else 2, tau_num_warps=4 if hopper else 8,
-                       tau_num_stages=2, backward_num_warps=8, backward_num_stages=1, mass_per_entry=entry_mass)
+                       tau_num_stages=2, backward_num_warps=8, backward_num_stages=1, mass_per_entry=entry_mass,
+                       jensen_bound=jensen)
         return cls(32, 32, 8, 1, tau_num_warps=4, reload_query=True)
 
     def __post_init__(self):
@@ -157,7 +174,7 @@ class BlockSizes:
             w = getattr(self, name)
             if (w is not None or name == "num_warps") and (not isinstance(w, int) or w < 1 or w & (w - 1)):
                 raise ValueError(f"`BlockSizes.{name}` must be a power of two ≥ 1, got {w!r}")
-        for name in ("histogram_start", "reload_query", "fold_row_max", "mass_per_entry"):
+        for name in ("histogram_start", "reload_query", "fold_row_max", "mass_per_entry", "jensen_bound"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`BlockSizes.{name}` must be a bool, got {getattr(self, name)!r}")
         for name in ("num_stages", "tau_num_stages", "backward_num_stages"):
@@ -189,6 +206,8 @@ class KernelConfig:
     fold_row_max: bool
     # The τ solver's Σ z^c0 summed per entry across the key loop (BlockSizes.mass_per_entry).
     mass_per_entry: bool
+    # The τ max pass's Jensen row sum (BlockSizes.jensen_bound; always without the histogram start).
+    jensen_bound: bool
     causal: bool
     window: tuple[int, int] | None
     scale: float
@@ -323,7 +342,7 @@ def make_config(inp: AttentionInputs, block_sizes: BlockSizes | None, interpret:
         block_q=block_q, block_k=block_k, launch=tuple(bs.launch().items()),
         n_iter=bs.solver_passes(), adaptive=bs.n_iter is None, histogram_start=bs.histogram_start,
         reload_query=bs.reload_query, fold_row_max=bs.fold_row_max and dtype != jnp.float32,
-        mass_per_entry=bs.mass_per_entry,
+        mass_per_entry=bs.mass_per_entry, jensen_bound=bs.jensen_bound or not bs.histogram_start,
         causal=inp.is_causal, window=inp.window,
         scale=abs(inp.scale),  # kernel_inputs negates the key for a negative scale
         alpha_static=alpha_static,

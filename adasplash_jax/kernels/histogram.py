@@ -87,7 +87,7 @@ def _ceil_multiply_add(a, b, c):
 
 
 def update(hist: RowHistogram, d, tile_max, new_max, x_mult, keep=None, ceil_fma=_ceil_multiply_add,
-           any_start=None):
+           any_start=None, sum_below=True):
     """The histogram after one score tile ``d`` [block_q, block_k] (raw scores, masked entries at
     MASKED); ``tile_max`` and ``new_max`` are the tile's and the running row max (after it).
 
@@ -95,7 +95,7 @@ def update(hist: RowHistogram, d, tile_max, new_max, x_mult, keep=None, ceil_fma
     mask, None when every entry counts), the τ kernel's mean for the Jensen bound: relative to the
     anchor, which never moves once set, so the sum needs no rescaling when the max grows, and the
     offset anchor − d it sums is the one the bin index is formed from (one subtraction per entry
-    for both). ``ceil_fma(a, b, c)`` = ⌈a·b⌉ + c per entry for an integer c in [2^23, 2^24) (the
+    for both); None with ``sum_below=False`` (a kernel without the Jensen bound). ``ceil_fma(a, b, c)`` = ⌈a·b⌉ + c per entry for an integer c in [2^23, 2^24) (the
     kernel's fma rounded up, tiles.ceil_fma). ``any_start``: whether any of ``starting_rows`` holds
     (a scalar; None: reduced here), for a caller that folds it into a block-wide reduction of its own."""
     valid_row = tile_max > 0.5 * MASKED
@@ -132,8 +132,9 @@ def update(hist: RowHistogram, d, tile_max, new_max, x_mult, keep=None, ceil_fma
     # and rows without a grid (scale 0, top = BINS) clamp to k = BINS.
     magic = 2.0**23
     below_anchor = anchor[:, None] - d
-    kept_below = below_anchor if keep is None else jnp.where(keep, below_anchor, 0.0)
-    tile_below = jnp.sum(kept_below, axis=1)
+    tile_below = None
+    if sum_below:
+        tile_below = jnp.sum(below_anchor if keep is None else jnp.where(keep, below_anchor, 0.0), axis=1)
     k_float = ceil_fma(below_anchor, scale[:, None], (top + magic)[:, None])
     # The bitcast of the rounded k + 2^23, less that of 2^23: k (times the field width below, in
     # one integer multiply-add).

@@ -25,8 +25,9 @@ from adasplash_jax.kernels.config import MASKED, KernelConfig
 from adasplash_jax.kernels.mask_info import visible_key_blocks
 from adasplash_jax.kernels.specs import block_specs, call, tile_input_specs, visible_block_specs
 from adasplash_jax.kernels.tiles import (RowContext, TileInputs, alpha_of, ceil_fma, diagonal_key_block, fma,
-                                         list_slots_below, powers, query_tile, split_loop, tile_x, tile_z,
-                                         wrapped_down, x_multiplier)
+                                         list_slots_below, maximum_keeping_nan, powers, query_tile,
+                                         row_max_keeping_nan, split_loop, tile_x, tile_z, wrapped_down,
+                                         x_multiplier)
 from adasplash_jax.solver import TOL, no_progress, solver_step, threshold_bracket
 
 # Relative slack (x units) of the max pass's tile marks: far above float32 rounding of x.
@@ -69,13 +70,15 @@ def _threshold_kernel(
                                  lambda t, c: body(wrapped_down(diagonal, first_block, num_blocks, t), True, c), carry)
         return split_loop(num_blocks, 0, interior, body, carry, down_from=diagonal)
 
-    # Pass 1: row max m of the raw scores, the row's sum for the Jensen bound and the histogram
-    # below the max; `allowed` counts the keys seen so far (a tile's count is only reduced when
-    # segments make it irregular). The sum is kept relative to a score of the row, so it stays
-    # exact at any score magnitude: with the histogram, Σ(anchor − d) below the histogram's
-    # anchor (its first valid tile's max, fixed from then on; histogram.update forms anchor − d
-    # for the bin index anyway); without, Σ(d − m) relative to the running max, rescaled as it
-    # grows.
+    # Pass 1: row max m of the raw scores, the row's sum for the Jensen bound (cfg.jensen_bound)
+    # and the histogram below the max; `allowed` counts the keys seen so far (a tile's count is
+    # only reduced when segments make it irregular). The sum is kept relative to a score of the
+    # row, so it stays exact at any score magnitude: with the histogram, Σ(anchor − d) below the
+    # histogram's anchor (its first valid tile's max, fixed from then on; histogram.update forms
+    # anchor − d for the bin index anyway); without, Σ(d − m) relative to the running max,
+    # rescaled as it grows. Without the sum the row max is what catches a NaN score: its max
+    # keeps NaN (tiles.row_max_keeping_nan; Pallas' own max drops it on the GPU).
+    keep_nan_in_max = cfg.histogram_start and not cfg.jensen_bound
     limit = None if cfg.irregular else row.allowed_keys().astype(jnp.float32)
 
     block_ids = jnp.arange(cfg.kv_blocks_padded, dtype=jnp.int32)
@@ -83,8 +86,12 @@ def _threshold_kernel(
     def max_pass(j, masked, carry):
         row_max, row_sum, allowed, hist, tile_top, grid_starts = carry
         d, keep, _ = row.scores(q, k_ref, j, masked)
-        tile_max = jnp.max(d, axis=1)
-        new_max = jnp.maximum(row_max, tile_max)
+        if keep_nan_in_max:
+            tile_max = row_max_keeping_nan(cfg, d)
+            new_max = maximum_keeping_nan(cfg, row_max, tile_max)
+        else:
+            tile_max = jnp.max(d, axis=1)
+            new_max = jnp.maximum(row_max, tile_max)
         # The tile's highest score relative to its row's running max (an upper bound of its
         # entries' final d − m, the max only growing), over the rows that have one. A bad row
         # (NaN, or +inf: inf − inf is NaN) has none: its NaN would void the block's reduction
@@ -102,8 +109,10 @@ def _threshold_kernel(
         if cfg.histogram_start:
             old_hist = hist
             hist, tile_below = histogram.update(hist, d, tile_max, new_max, x_mult, keep if masked else None,
-                                                functools.partial(ceil_fma, cfg), any_start=vote > 0.5)
-            row_sum = row_sum + tile_below
+                                                functools.partial(ceil_fma, cfg), any_start=vote > 0.5,
+                                                sum_below=cfg.jensen_bound)
+            if cfg.jensen_bound:
+                row_sum = row_sum + tile_below
             if cfg.debug:  # counted for kernels.debug only
                 grid_starts = grid_starts + histogram.grid_started(old_hist, hist).astype(jnp.int32)
         else:
@@ -126,13 +135,15 @@ def _threshold_kernel(
     # τ is solved on x = (α−1)·scale·(d − m), whose max is 0, as on the dense path: (α−1)·s
     # itself loses every digit of z = x − τ once scores reach ~1e7. Rows with nothing to
     # attend to keep τ = 0, far above their masked x.
-    # A NaN or +inf score (or a NaN α: out of range) makes the sum NaN or the max +inf; such
-    # rows come out NaN (the library's NaN policy), never as a masked row of zeros.
-    bad = jnp.isnan(row_sum) | (row_max == jnp.inf) | jnp.isnan(x_mult)
+    # A NaN or +inf score (or a NaN α: out of range) makes the sum or the max NaN or the max
+    # +inf; such rows come out NaN (the library's NaN policy), never as a masked row of zeros.
+    bad = jnp.isnan(row_sum) | jnp.isnan(row_max) | (row_max == jnp.inf) | jnp.isnan(x_mult)
     # A row whose every score is MASKED-like (a bias of −inf over all its keys) has nothing to
     # attend to either, as on the dense path: a zero row, not a uniform one.
     has_any = (allowed > 0) & ~bad & (row_max > 0.5 * MASKED)
-    if cfg.histogram_start:
+    if not cfg.jensen_bound:
+        x_mean = None  # the histogram's bracket alone
+    elif cfg.histogram_start:
         # mean(d) − m = −(Σ(anchor − d)/n + (m − anchor)): the two terms may cancel, so the mean
         # is lowered by a bound of their rounding (the tile sums' and the running sum's, 2⁻²⁴
         # relative each, taken ×4): a Jensen bound a rounding above τ would cut the support.

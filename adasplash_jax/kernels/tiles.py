@@ -372,3 +372,45 @@ def tile_powers(cfg: KernelConfig, alpha, d, tau, row_max):
 
 def load_segment(ref, start, size):
     return None if ref is None else ref[pl.ds(start, size)]
+
+
+# A row max that keeps NaN. Pallas lowers jnp.max / jnp.maximum to maxnumf on the GPU, which
+# drops a NaN operand; the τ kernel's max pass needs a NaN score to reach its row max (the
+# library's NaN policy: such a row comes out NaN). maximumf (max.NaN.f32, one FMNMX.NAN: the cost
+# of the max itself) keeps it. Interpret mode runs XLA's max, which keeps NaN already.
+def _nan_max_primitives():
+    try:
+        from jax._src import core as jax_core
+        from jax._src.lib.mlir.dialects import arith as arith_dialect
+        from jax._src.pallas.triton import lowering as triton_lowering
+        reduce_lowering = triton_lowering._reduce_lowering
+    except (ImportError, AttributeError):  # another jax: the fallback in row_max_keeping_nan
+        return None, None
+    pair = jax_core.Primitive("adasplash_maximum_keeping_nan")
+    pair.def_abstract_eval(lambda x, y: jax_core.ShapedArray(x.shape, x.dtype))
+    rows = jax_core.Primitive("adasplash_row_max_keeping_nan")
+    rows.def_abstract_eval(lambda x: jax_core.ShapedArray(x.shape[:-1], x.dtype))
+    triton_lowering.triton_lowering_rules[pair] = lambda ctx, x, y: arith_dialect.maximumf(x, y)
+    triton_lowering.triton_lowering_rules[rows] = (
+        lambda ctx, x: reduce_lowering(lambda a, b: pair.bind(a, b), ctx, x, axes=(len(ctx.avals_in[0].shape) - 1,)))
+    return pair, rows
+
+
+_MAXIMUM_KEEPING_NAN, _ROW_MAX_KEEPING_NAN = _nan_max_primitives()
+
+
+def row_max_keeping_nan(cfg: KernelConfig, d):
+    """max over the last axis of ``d``, NaN where that row holds a NaN."""
+    if cfg.interpret:
+        return jnp.max(d, axis=-1)
+    if _ROW_MAX_KEEPING_NAN is None:  # a NaN as +inf, which the τ kernel treats as NaN too
+        return jnp.max(jnp.where(jnp.isnan(d), jnp.inf, d), axis=-1)
+    return _ROW_MAX_KEEPING_NAN.bind(d)
+
+
+def maximum_keeping_nan(cfg: KernelConfig, a, b):
+    """jnp.maximum(a, b) that keeps a NaN of either (for row vectors)."""
+    if cfg.interpret or _MAXIMUM_KEEPING_NAN is None:
+        # (the fallback's NaN is +inf by then: maxnumf keeps it)
+        return jnp.maximum(a, b)
+    return _MAXIMUM_KEEPING_NAN.bind(a, b)
