@@ -31,7 +31,7 @@ import numpy as np
 
 from adasplash_jax import entmax_attention
 from adasplash_jax.inputs import check_attention_inputs
-from adasplash_jax.kernels.config import BlockSizes
+from adasplash_jax.kernels.config import BlockSizes, local_compute_capability
 from adasplash_jax.kernels.debug import tile_visits
 
 
@@ -72,12 +72,17 @@ def main():
     parser.add_argument("--alphas", default="1.5,2,1.25,1.8")
     parser.add_argument("--scales", default="0.3,1,3", help="query scales (temperature)")
     parser.add_argument("--local", action="store_true", help="AR(1) keys, queries near their own key")
+    parser.add_argument("--compute-capability", type=int, default=None,
+                        help="the block sizes the library picks on this GPU (e.g. 90: no Jensen row sum); "
+                             "default: this machine's GPU, or an unknown one's")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     L, H, N = args.length, args.head_dim, args.heads
-    base = BlockSizes.for_head_dim(H)
+    cc = args.compute_capability if args.compute_capability is not None else local_compute_capability()
+    base = BlockSizes.for_head_dim(H, None, cc)
     print(f"# τ kernel solver passes per query block (after the max pass), causal, L = {L}, head dim {H}, "
-          f"{N} heads, float32, {'local' if args.local else 'normal'} inputs, backend {jax.default_backend()}")
+          f"{N} heads, float32, {'local' if args.local else 'normal'} inputs, backend {jax.default_backend()}, "
+          f"block sizes for compute capability {cc} (Jensen row sum {'on' if base.jensen_bound else 'off'})")
     print("| α | query scale | passes, analytic start (mean / max) | passes, histogram start (mean / max) "
           "| ratio of means | solver tiles per visible tile | marked / active per pass "
           "| max-pass tiles with a grid start | max |out − dense|, analytic / histogram |")
