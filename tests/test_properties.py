@@ -6,6 +6,8 @@ entry, NaN/inf (one policy: a row holding NaN or +inf is all NaN, like jax.nn.so
 and the Pallas kernels (interpret mode) against the dense path on a smaller sweep.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adasplash_jax import ALPHA_MIN, entmax, entmax_attention
+from adasplash_jax import ALPHA_MIN, BlockSizes, entmax, entmax_attention
 
 pytestmark = pytest.mark.slow  # hypothesis sweeps, the Pallas one in interpret mode
 
@@ -148,20 +150,25 @@ def attention_case(draw):
     lengths = rng.integers(0, S + 1, size=(B,)).astype(np.int32)
     if alpha == "per-head":
         alpha = jnp.asarray(rng.uniform(1.1, 2.0, size=(N,)), jnp.float32)
-    return q, k, v, dict(alpha=alpha, is_causal=causal, key_value_seq_lengths=lengths)
+    # The τ max pass with the Jensen sum and an anchored histogram grid, or (the sm_90 default)
+    # without it, on an aligned grid.
+    jensen_bound = draw(st.booleans())
+    return q, k, v, dict(alpha=alpha, is_causal=causal, key_value_seq_lengths=lengths), jensen_bound
 
 
 @settings(**{**SETTINGS, "max_examples": 12})
 @given(attention_case())
 def test_pallas_equals_xla(case):
-    q, k, v, kw = case
-    ours = np.asarray(entmax_attention(q, k, v, implementation="pallas", **kw))
+    q, k, v, kw, jensen_bound = case
+    block_sizes = dataclasses.replace(BlockSizes.for_head_dim(q.shape[-1]), jensen_bound=jensen_bound)
+    ours = np.asarray(entmax_attention(q, k, v, implementation="pallas", block_sizes=block_sizes, **kw))
     ref = np.asarray(entmax_attention(q, k, v, implementation="xla", **kw))
     np.testing.assert_allclose(ours, ref, atol=2e-4, rtol=2e-4)
 
 
+@pytest.mark.parametrize("jensen_bound", [True, False])
 @pytest.mark.parametrize("scale", [1.0, 1e3, 1e5])
-def test_pallas_values_and_gradients_at_extreme_scores(scale):
+def test_pallas_values_and_gradients_at_extreme_scores(scale, jensen_bound):
     # |q|, |k| ≈ 700 with head dim 24: scores of order 1e7 (issue 11, item 1).
     rng = np.random.default_rng(3)
     q = jnp.asarray(rng.normal(size=(1, 24, 2, 24)) * np.sqrt(scale), jnp.float32)
@@ -169,8 +176,12 @@ def test_pallas_values_and_gradients_at_extreme_scores(scale):
     v = jnp.asarray(rng.normal(size=(1, 24, 2, 24)), jnp.float32)
     alpha = jnp.array([1.5, 2.0])
 
+    # (scores of 1e7: beyond an aligned histogram grid's origin, which then gives up its start)
+    block_sizes = dataclasses.replace(BlockSizes.for_head_dim(24), jensen_bound=jensen_bound)
+
     def loss(impl, q, k, v, alpha):
-        out = entmax_attention(q, k, v, alpha=alpha, scale=10 / np.sqrt(24), implementation=impl)
+        kw = dict(block_sizes=block_sizes) if impl == "pallas" else {}
+        out = entmax_attention(q, k, v, alpha=alpha, scale=10 / np.sqrt(24), implementation=impl, **kw)
         return jnp.sum(out * jnp.cos(jnp.arange(24.0))[None, None, None, :])
 
     # Beyond scale 1 every row is one-hot and dq, dk are exactly 0 on the dense path: what the kernels
@@ -186,7 +197,8 @@ def test_pallas_values_and_gradients_at_extreme_scores(scale):
         assert np.all(np.isfinite(np.asarray(got)))
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-4,
                                    atol=2e-4 * big(want) + 4e-6 * terms[argnum] + 1e-6)
-    out = entmax_attention(q, k, v, alpha=alpha, scale=10 / np.sqrt(24), implementation="pallas")
+    out = entmax_attention(q, k, v, alpha=alpha, scale=10 / np.sqrt(24), implementation="pallas",
+                           block_sizes=block_sizes)
     ref = entmax_attention(q, k, v, alpha=alpha, scale=10 / np.sqrt(24), implementation="xla")
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-4)
     assert not np.any(np.all(np.asarray(out) == 0.0, axis=-1))  # no all-zero rows

@@ -31,6 +31,7 @@ import numpy as np
 from jax import lax
 
 from adasplash_jax.kernels.config import MASKED
+from adasplash_jax.kernels.tiles import ceil_multiply_add, product_fraction
 
 BINS = 4  # counters packed in one int32
 # Model roots by bisection: 2^-12 of the analytic bracket (≤ 1 wide) is far inside one bin, and
@@ -50,20 +51,28 @@ class RowHistogram(NamedTuple):
     """Per row (each [block_q]): the raw score the grid is anchored at, the bin width in x units
     (0 until the row has seen a valid entry) and the grid index per raw score unit
     (x_mult / width; 0 without a grid), the grid index of the running max's bin, and the counts
-    of the ``BINS`` bins below it (int32; counts[0] holds the max)."""
+    of the ``BINS`` bins below it (int32; counts[0] holds the max).
+
+    Grid positions are u = d·scale − origin: the grid's edges lie where u is an integer. Either
+    the anchor is an edge (``origin`` = anchor·scale, not stored: 0 here, ``frac`` 0), and an
+    entry's index is formed from anchor − d; or (``aligned_grid``) ``origin`` is the integer
+    round(anchor·scale) and ``frac`` = anchor·scale − origin ∈ [−½, ½], the anchor's own position,
+    exact: the index is then formed from d itself, in one fma with no subtraction."""
 
     anchor: object
     width: object
     scale: object
     top: object
     counts: tuple
+    origin: object
+    frac: object
 
     @classmethod
     def empty(cls, block_q: int):
         # A row without a grid keeps top = BINS: every entry then lands at bin ≥ BINS (uncounted).
         zero = jnp.zeros((block_q,), jnp.float32)
         return cls(zero, zero, zero, jnp.full((block_q,), float(BINS), jnp.float32),
-                   (jnp.zeros((block_q,), jnp.int32),) * BINS)
+                   (jnp.zeros((block_q,), jnp.int32),) * BINS, zero, zero)
 
 
 def _any(flags):
@@ -82,12 +91,15 @@ def _shift_down(counts, shift):
     return counts
 
 
-def _ceil_multiply_add(a, b, c):
-    return jnp.ceil(a * b) + c
+# An aligned grid's origin is an integer grid index below this (in magnitude): the fma's addend
+# origin + top + 2^23 is then exact, and so is the product d·scale of an entry in the window
+# (below 2^23, top ≤ _MAX_TOP) in interpret mode. Rows beyond it (a max ~8·10^6 bin widths from
+# 0: near-uniform rows of large scores) get no grid, and start from the analytic bracket.
+_MAX_ORIGIN = 2.0**23 - 2.0**13
 
 
-def update(hist: RowHistogram, d, tile_max, new_max, x_mult, keep=None, ceil_fma=_ceil_multiply_add,
-           any_start=None, sum_below=True):
+def update(hist: RowHistogram, d, tile_max, new_max, x_mult, keep=None, ceil_fma=ceil_multiply_add,
+           any_start=None, sum_below=True, fraction_fma=product_fraction):
     """The histogram after one score tile ``d`` [block_q, block_k] (raw scores, masked entries at
     MASKED); ``tile_max`` and ``new_max`` are the tile's and the running row max (after it).
 
@@ -95,9 +107,13 @@ def update(hist: RowHistogram, d, tile_max, new_max, x_mult, keep=None, ceil_fma
     mask, None when every entry counts), the τ kernel's mean for the Jensen bound: relative to the
     anchor, which never moves once set, so the sum needs no rescaling when the max grows, and the
     offset anchor − d it sums is the one the bin index is formed from (one subtraction per entry
-    for both); None with ``sum_below=False`` (a kernel without the Jensen bound). ``ceil_fma(a, b, c)`` = ⌈a·b⌉ + c per entry for an integer c in [2^23, 2^24) (the
-    kernel's fma rounded up, tiles.ceil_fma). ``any_start``: whether any of ``starting_rows`` holds
-    (a scalar; None: reduced here), for a caller that folds it into a block-wide reduction of its own."""
+    for both). With ``sum_below=False`` (a kernel without the Jensen bound) no sum (None) and an
+    aligned grid (see RowHistogram): the subtraction per entry is gone. ``ceil_fma(a, b, c)`` =
+    ⌈a·b + c⌉ per entry for an integer c, the result in [2^23, 2^24) (the kernel's fma rounded up,
+    tiles.ceil_fma); ``fraction_fma(a, b, w)`` = a·b − w rounded once (tiles.fraction_fma), for
+    an aligned grid's ``frac``. ``any_start``: whether any of ``starting_rows`` holds (a scalar;
+    None: reduced here), for a caller that folds it into a block-wide reduction of its own."""
+    aligned_grid = not sum_below
     valid_row = tile_max > 0.5 * MASKED
     starts = starting_rows(hist, tile_max)
 
@@ -109,33 +125,47 @@ def update(hist: RowHistogram, d, tile_max, new_max, x_mult, keep=None, ceil_fma
         # The widest spread of the block's rows: a row of the causal diagonal sees few keys there.
         spread = jnp.minimum(jnp.max(spread) * x_mult, 1.0)
         width = jnp.maximum(spread, 2.0**-16) * (1.0 / (BINS - 1))
+        scale = x_mult / width
+        origin, frac = jnp.zeros_like(width), jnp.zeros_like(width)
+        if aligned_grid:
+            origin = jnp.floor(tile_max * scale + 0.5)  # (Pallas' GPU lowering has no round)
+            # Too far out for an exact addend: no grid (scale 0: every entry in bin 0, the
+            # histogram unused; the row keeps its width, so it does not start again).
+            scale = jnp.where(jnp.abs(origin) < _MAX_ORIGIN, scale, 0.0)
+            origin = jnp.where(scale > 0, origin, 0.0)
+            frac = jnp.where(scale > 0, fraction_fma(tile_max, scale, origin), 0.0)
         return (jnp.where(starts, tile_max, hist.anchor), jnp.where(starts, width, hist.width),
-                jnp.where(starts, x_mult / width, hist.scale))
+                jnp.where(starts, scale, hist.scale), jnp.where(starts, origin, hist.origin),
+                jnp.where(starts, frac, hist.frac))
 
     any_start = _any(starts) if any_start is None else any_start
-    anchor, width, scale = lax.cond(any_start, start_grid, lambda: (hist.anchor, hist.width, hist.scale))
-    # The max's bin, raised by ε, far above this product's rounding: top ≥ floor(u) of the max as
-    # the entries' fma forms it, so every k ≥ 0 (a max within ε below an edge makes top the bin
-    # above, where the max counts in bin 1).
-    top = jnp.where(width > 0, jnp.floor((new_max - anchor) * scale + _ROUNDING_SHIFT), float(BINS))
+    anchor, width, scale, origin, frac = lax.cond(
+        any_start, start_grid, lambda: (hist.anchor, hist.width, hist.scale, hist.origin, hist.frac))
+    # The max's bin, raised by ε, far above the rounding of this sum of products (≤ 2^12 bins, see
+    # bracket): top ≥ floor(u) of the max as the entries' fma forms it, so every k ≥ 0 (a max within
+    # ε below an edge makes top the bin above, where the max counts in bin 1).
+    top = jnp.where(width > 0, jnp.floor((new_max - anchor) * scale + frac + _ROUNDING_SHIFT), float(BINS))
     # A row that just started has no counts yet: any shift leaves them zero. No branch: at
     # attention-like scores some row of the block moves its max up a bin on most tiles (44–96% of
     # the max pass's tiles at L = 2048, query scales 0.3–3, α = 1.5: benchmarks/tau_passes.py with
     # the shift under a lax.cond), where a branch would add its block-wide vote and run anyway.
     counts = _shift_down(hist.counts, top - hist.top)
-    # Bin of each entry: k = top − floor(u) = top + ⌈(anchor − d)·scale⌉, u = (d − anchor)·scale its
-    # grid position, read off 2^23 + top + ⌈(anchor − d)·scale⌉: one fma rounded up (on the GPU
-    # exact but for the rounding of anchor − d: the result lies in [2^23, 2^24), where floats are
-    # the integers), whose low mantissa bits hold k: cheaper than a float → int conversion (which
-    # Triton clamps to the int32 range first). An entry exactly on an edge (the anchor itself)
-    # stays in its bin; k ≥ 0 as top ≥ floor(u) of the max. Masked entries, those below the window
-    # and rows without a grid (scale 0, top = BINS) clamp to k = BINS.
+    # Bin of each entry: k = top − floor(u) = top + ⌈−u⌉, read off 2^23 + top + ⌈−u⌉: one fma
+    # rounded up (the result lies in [2^23, 2^24), where floats are the integers), whose low
+    # mantissa bits hold k: cheaper than a float → int conversion (which Triton clamps to the int32
+    # range first). On an aligned grid −u = origin − d·scale: ⌈d·(−scale) + (origin + top + 2^23)⌉,
+    # exact on the GPU; otherwise −u = (anchor − d)·scale: ⌈(anchor − d)·scale + (top + 2^23)⌉,
+    # exact but for the rounding of anchor − d. An entry exactly on an edge (the anchor itself, on
+    # an anchored grid) stays in its bin; k ≥ 0 as top ≥ floor(u) of the max. Masked entries,
+    # those below the window and rows without a grid (scale 0, top = BINS) clamp to k = BINS.
     magic = 2.0**23
-    below_anchor = anchor[:, None] - d
     tile_below = None
-    if sum_below:
+    if aligned_grid:
+        k_float = ceil_fma(d, -scale[:, None], (origin + top + magic)[:, None])
+    else:
+        below_anchor = anchor[:, None] - d
         tile_below = jnp.sum(below_anchor if keep is None else jnp.where(keep, below_anchor, 0.0), axis=1)
-    k_float = ceil_fma(below_anchor, scale[:, None], (top + magic)[:, None])
+        k_float = ceil_fma(below_anchor, scale[:, None], (top + magic)[:, None])
     # The bitcast of the rounded k + 2^23, less that of 2^23: k (times the field width below, in
     # one integer multiply-add).
     k_bits = lax.bitcast_convert_type(jnp.minimum(k_float, magic + BINS), jnp.int32)
@@ -143,7 +173,8 @@ def update(hist: RowHistogram, d, tile_max, new_max, x_mult, keep=None, ceil_fma
     if d.shape[1] >= 256:  # a bin may get 256 entries of one tile: more than 8 bits, count per bin
         k = k_bits - k_offset
         return RowHistogram(anchor, width, scale, top, tuple(
-            c + jnp.sum((k == i).astype(jnp.int32), axis=1, dtype=jnp.int32) for i, c in enumerate(counts))), tile_below
+            c + jnp.sum((k == i).astype(jnp.int32), axis=1, dtype=jnp.int32) for i, c in enumerate(counts)),
+            origin, frac), tile_below
     # One packed count per entry: bin k adds 1 << (bits·k). With 7-bit fields (block_k < 128) bin
     # BINS lands in the unused top bits, where overflow only wraps; 8-bit fields need a select.
     bits = 7 if d.shape[1] < 128 else 8
@@ -158,7 +189,7 @@ def update(hist: RowHistogram, d, tile_max, new_max, x_mult, keep=None, ceil_fma
     packed = jnp.sum(one, axis=1, dtype=jnp.int32)  # (int32 under x64 too: the counts are a loop carry)
     field = (1 << bits) - 1
     counts = tuple(c + (jnp.right_shift(packed, bits * i) & field) for i, c in enumerate(counts))
-    return RowHistogram(anchor, width, scale, top, counts), tile_below
+    return RowHistogram(anchor, width, scale, top, counts, origin, frac), tile_below
 
 
 def starting_rows(hist: RowHistogram, tile_max):
@@ -188,10 +219,11 @@ def _model_root(power, points, lo, hi):
 def bracket(hist: RowHistogram, power, row_max, allowed, x_mult, lo, hi):
     """The analytic bracket [lo, hi] of τ (shifted rows: max 0) narrowed by the histogram, where it
     is usable. ``power(z)`` = z^c0 for z ≥ 0; ``allowed``: the entries each row may attend to."""
-    usable = (hist.width > 0) & (hist.top <= _MAX_TOP)
+    usable = (hist.width > 0) & (hist.scale > 0) & (hist.top <= _MAX_TOP)
     width = hist.width
-    # Lower edge of bin k in shifted x units: grid index (top − k) relative to the max.
-    offset = (row_max - hist.anchor) * x_mult
+    # Lower edge of bin k in shifted x units: grid index (top − k) relative to the max's, whose
+    # grid position is (m − anchor)·scale + frac.
+    offset = (row_max - hist.anchor) * x_mult + hist.frac * width
     lower = [(hist.top - k) * width - offset - _EDGE_SLACK * width for k in range(BINS)]
     upper = [jnp.minimum(e + (1.0 + 2.0 * _EDGE_SLACK) * width, 0.0) for e in lower]
     counts = [c.astype(jnp.float32) for c in hist.counts]

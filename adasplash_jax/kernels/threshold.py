@@ -25,9 +25,9 @@ from adasplash_jax.kernels.config import MASKED, KernelConfig
 from adasplash_jax.kernels.mask_info import visible_key_blocks
 from adasplash_jax.kernels.specs import block_specs, call, tile_input_specs, visible_block_specs
 from adasplash_jax.kernels.tiles import (RowContext, TileInputs, alpha_of, ceil_fma, diagonal_key_block, fma,
-                                         list_slots_below, maximum_keeping_nan, powers, query_tile,
-                                         row_max_keeping_nan, split_loop, tile_x, tile_z, wrapped_down,
-                                         x_multiplier)
+                                         fraction_fma, list_slots_below, maximum_keeping_nan, powers,
+                                         query_tile, row_max_keeping_nan, split_loop, tile_x, tile_z,
+                                         wrapped_down, x_multiplier)
 from adasplash_jax.solver import TOL, no_progress, solver_step, threshold_bracket
 
 # Relative slack (x units) of the max pass's tile marks: far above float32 rounding of x.
@@ -110,7 +110,8 @@ def _threshold_kernel(
             old_hist = hist
             hist, tile_below = histogram.update(hist, d, tile_max, new_max, x_mult, keep if masked else None,
                                                 functools.partial(ceil_fma, cfg), any_start=vote > 0.5,
-                                                sum_below=cfg.jensen_bound)
+                                                sum_below=cfg.jensen_bound,
+                                                fraction_fma=functools.partial(fraction_fma, cfg))
             if cfg.jensen_bound:
                 row_sum = row_sum + tile_below
             if cfg.debug:  # counted for kernels.debug only

@@ -306,10 +306,47 @@ def unit_fma(cfg: KernelConfig, a, b, c):
 
 
 def ceil_fma(cfg: KernelConfig, a, b, c):
-    """⌈a·b⌉ + c per entry for an integer-valued ``c`` (per row [rows, 1]) with the result in [2^23, 2^24):
-    one fma.rp.f32 on the GPU (a·b + c rounded up, exact there: those floats are the integers);
-    ⌈a·b⌉ + c in interpret mode (a·b rounded first, an ulp of it apart at most)."""
-    return jnp.ceil(a * b) + c if cfg.interpret else _ptx_fma("rp", a, b, c)
+    """⌈a·b + c⌉ per entry for an integer-valued ``c`` (per row [rows, 1]) with the result in [2^23, 2^24):
+    one fma.rp.f32 on the GPU (a·b + c rounded up, exact there: those floats are the integers); the
+    same value in interpret mode (``ceil_multiply_add``)."""
+    return ceil_multiply_add(a, b, c) if cfg.interpret else _ptx_fma("rp", a, b, c)
+
+
+def fraction_fma(cfg: KernelConfig, a, b, whole):
+    """a·b − whole rounded once, for an integer-valued ``whole`` = round(a·b) (the result lies in
+    [−½, ½]): one fma.rn.f32 on the GPU, ``product_fraction`` in interpret mode."""
+    return product_fraction(a, b, whole) if cfg.interpret else _ptx_fma("rn", a, b, -whole)
+
+
+def _exact_product(a, b):
+    """(p, e) with a·b = p + e exactly, p the rounded product (Dekker: each factor split in two
+    halves of 12 significant bits, whose products are exact; no fma, which plain jnp lacks)."""
+    def split(x):
+        t = 4097.0 * x
+        hi = t - (t - x)
+        return hi, x - hi
+
+    p = a * b
+    (a_hi, a_lo), (b_hi, b_lo) = split(a), split(b)
+    return p, ((a_hi * b_hi - p) + a_hi * b_lo + a_lo * b_hi) + a_lo * b_lo
+
+
+def product_fraction(a, b, whole):
+    """a·b − whole of the exact product, rounded once, for an integer-valued ``whole`` within ½ of
+    the rounded a·b (plain jnp): p − whole is exact, e adds the product's own rounding."""
+    p, e = _exact_product(a, b)
+    return (p - whole) + e
+
+
+def ceil_multiply_add(a, b, c):
+    """⌈a·b + c⌉ of the exact product, in float32 without an fma (interpret mode, plain jnp): what
+    fma.rp.f32 gives where the result lies in [2^23, 2^24), for an integer-valued ``c`` with
+    |a·b| < 2^23. a·b = P + f with P = round(a·b) and f its exact fraction, so the sum is the
+    integer c + P plus f ∈ [−½, ½], whose rounding keeps its sign: its ceiling is 1 where it is
+    positive, else 0. Elsewhere (an entry far outside the histogram's window, which the caller
+    clamps) the result is as far out, if not exact."""
+    whole = jnp.round(a * b)
+    return (c + whole) + jnp.where(product_fraction(a, b, whole) > 0, 1.0, 0.0)
 
 
 def _ptx_fma(rounding: str, a, b, c):
