@@ -140,7 +140,7 @@ class BlockSizes:
 
         The τ max pass without the Jensen row sum (``jensen_bound`` off) up to d = 128 on sm_90 and
         later, and on sm_80 without a dense mask or bias (2026-12-04, bf16 d = 64 α = 1.5 on sm_90:
-        max pass 642 → 602 instructions per warp, its boundary loop 996 → 763; at d = 256 on sm_90
+        max pass interior loop 642 → 602 instructions per warp, its boundary loop 996 → 763; at d = 256 on sm_90
         the general-α τ kernels spill 8–16 B without it, as does the d = 64 mask + bias one on
         sm_80). On an unknown GPU it stays on.
         """
