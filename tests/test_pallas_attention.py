@@ -154,6 +154,18 @@ def test_row_max_fold_follows_the_gpu():
     assert not make_config(inp, SMALL, None).fold_row_max  # fp32
 
 
+def assert_matches_dense_with(blocks, field, q, k, v, where="", **kw):
+    """The output and (dq, dk, dv) with these block sizes equal the dense path's, and the kernels'
+    config keeps ``blocks.<field>`` as set."""
+    inp = check_attention_inputs(q, k, v, mask=None, scale=None, query_seq_lengths=None, segment_ids=None, **kw)
+    assert getattr(make_config(inp, blocks, None), field) == getattr(blocks, field)
+    out, grads = loss_and_grads("pallas", q, k, v, block_sizes=blocks, **kw)
+    ref_out, ref_grads = loss_and_grads("xla", q, k, v, **kw)
+    assert_close(out, ref_out, jnp.float32, "output" + where)
+    for what, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert_close(g, r, jnp.float32, what + where)
+
+
 @pytest.mark.parametrize("alpha", [1.5, 2.0, 1.8])
 @pytest.mark.parametrize("mass_per_entry", [True, False])
 def test_tau_mass_summed_per_entry_or_per_tile_matches_dense(alpha, mass_per_entry):
@@ -161,15 +173,8 @@ def test_tau_mass_summed_per_entry_or_per_tile_matches_dense(alpha, mass_per_ent
     # default up to d = 128) or reduced per tile: the same answer as the dense path, on causal rows
     # with a short sequence (boundary tiles) at a temperature where many rows are near one-hot.
     q, k, v = make_qkv(2, 48, 48, 2, 2, 16, scale=2.5, seed=3)
-    blocks = dataclasses.replace(SMALL, mass_per_entry=mass_per_entry)
-    kw = dict(alpha=alpha, is_causal=True, key_value_seq_lengths=jnp.array([48, 21]))
-    inp = check_attention_inputs(q, k, v, mask=None, scale=None, query_seq_lengths=None, segment_ids=None, **kw)
-    assert make_config(inp, blocks, None).mass_per_entry == mass_per_entry
-    out, grads = loss_and_grads("pallas", q, k, v, block_sizes=blocks, **kw)
-    ref_out, ref_grads = loss_and_grads("xla", q, k, v, **kw)
-    assert_close(out, ref_out, jnp.float32, "output")
-    for what, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
-        assert_close(g, r, jnp.float32, what)
+    assert_matches_dense_with(dataclasses.replace(SMALL, mass_per_entry=mass_per_entry), "mass_per_entry", q, k, v,
+                              alpha=alpha, is_causal=True, key_value_seq_lengths=jnp.array([48, 21]))
 
 
 def test_tau_mass_per_entry_follows_the_gpu():
@@ -191,15 +196,9 @@ def test_tau_with_or_without_the_jensen_sum_matches_dense(alpha, jensen_bound):
     # near one-hot, with boundary tiles.
     for scale in (0.05, 2.5):
         q, k, v = make_qkv(2, 48, 48, 2, 2, 16, scale=scale, seed=5)
-        blocks = dataclasses.replace(SMALL, jensen_bound=jensen_bound)
-        kw = dict(alpha=alpha, is_causal=True, key_value_seq_lengths=jnp.array([48, 29]))
-        inp = check_attention_inputs(q, k, v, mask=None, scale=None, query_seq_lengths=None, segment_ids=None, **kw)
-        assert make_config(inp, blocks, None).jensen_bound == jensen_bound
-        out, grads = loss_and_grads("pallas", q, k, v, block_sizes=blocks, **kw)
-        ref_out, ref_grads = loss_and_grads("xla", q, k, v, **kw)
-        assert_close(out, ref_out, jnp.float32, f"output at scale {scale}")
-        for what, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
-            assert_close(g, r, jnp.float32, f"{what} at scale {scale}")
+        assert_matches_dense_with(dataclasses.replace(SMALL, jensen_bound=jensen_bound), "jensen_bound", q, k, v,
+                                  f" at scale {scale}", alpha=alpha, is_causal=True,
+                                  key_value_seq_lengths=jnp.array([48, 29]))
 
 
 def test_jensen_sum_follows_the_gpu():
